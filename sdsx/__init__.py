@@ -1,0 +1,48 @@
+"""sdsx: one-shot pruning of causal language models with Sparse-Dense-Sparse (SDS).
+
+    import sdsx
+    report = sdsx.sds_prune(model, calib, sparsity="2:4", pruner="sparsegpt")
+
+Importing sdsx is cheap: it loads neither transformers nor CUDA; the public functions below are
+resolved on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "backend_info": "sdsx._ext",
+    "nm_mask": "sdsx.ops",
+    "topk_mask": "sdsx.ops",
+    "obs_sweep": "sdsx.ops",
+    "prox_step": "sdsx.ops",
+    "SparsitySpec": "sdsx.pruners",
+    "magnitude": "sdsx.pruners",
+    "wanda": "sdsx.pruners",
+    "sparsegpt": "sdsx.pruners",
+    "prune": "sdsx.api",
+    "sds_prune": "sdsx.api",
+    "calibration": "sdsx.data",
+    "perplexity": "sdsx.eval",
+    "load_smollm2": "sdsx.model.smollm2",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdsx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

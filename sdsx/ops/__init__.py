@@ -1,0 +1,169 @@
+"""The sdsx ops: argument checks, then the native kernel (torch.ops.sdsx.*) or the reference.
+
+Each wrapper validates its inputs with errors that say what to change, never mutates its
+arguments, and runs the extension's kernel for the tensor's device when there is one; otherwise the
+pure-PyTorch reference in :mod:`sdsx.ops.reference` runs (the extension loader warns once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdsx import _ext
+from sdsx.ops import reference
+
+__all__ = ["nm_mask", "topk_mask", "obs_sweep", "prox_step", "reference"]
+
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_float(name: str, t: torch.Tensor, dtypes=_FLOAT_TYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or Inf); fix the input before pruning")
+
+
+def _check_nm(n: int, m: int, cols: int) -> None:
+    if not (isinstance(n, int) and isinstance(m, int)):
+        raise TypeError(f"n and m must be ints, got n={n!r}, m={m!r}")
+    if m <= 0 or n < 0 or n > m:
+        raise ValueError(f"N:M needs 0 <= n <= m and m >= 1, got {n}:{m} (n is the number kept per group of m)")
+    if cols % m != 0:
+        raise ValueError(f"N:M with m={m} needs the number of columns to be a multiple of m, got {cols} columns")
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0):
+        raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r} (e.g. 0.5 for 50%)")
+
+
+def _native(op: str, t: torch.Tensor) -> bool:
+    return _ext.has_kernel(op, t.device.type)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask of the ``n`` largest scores in every group of ``m`` consecutive entries.
+
+    Groups run along the last dimension (the input dimension of an (out, in) weight). Among equal
+    scores the lower index is kept, so the result is deterministic on tied weights.
+
+    Args:
+        scores: float tensor (..., cols); cols must be a multiple of ``m``.
+        n: entries kept per group (2 for 2:4).
+        m: group size.
+    Returns:
+        bool tensor of ``scores``' shape, True = keep; exactly ``n`` True per group.
+    """
+    _check_float("scores", scores)
+    if scores.dim() < 1:
+        raise ValueError("scores must have at least one dimension")
+    _check_nm(n, m, scores.shape[-1])
+    _check_finite("scores", scores)
+    if _native("nm_mask", scores):
+        return torch.ops.sdsx.nm_mask(scores, n, m)
+    return reference.nm_mask(scores, n, m)
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
+    """Keep-mask pruning exactly ``int(sparsity * len)`` lowest scores per row or per tensor.
+
+    Args:
+        scores: float tensor.
+        sparsity: fraction pruned, in [0, 1).
+        per_row: select within each row of the last dimension (Wanda) or over the whole tensor.
+    Returns:
+        bool tensor, True = keep. Among equal scores the lower (flat) index is kept.
+    """
+    _check_float("scores", scores)
+    _check_sparsity(sparsity)
+    if scores.dim() < 1:
+        raise ValueError("scores must have at least one dimension")
+    _check_finite("scores", scores)
+    if _native("topk_mask", scores):
+        return torch.ops.sdsx.topk_mask(scores, float(sparsity), bool(per_row))
+    return reference.topk_mask(scores, float(sparsity), bool(per_row))
+
+
+def obs_sweep(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    sparsity: float = 0.0,
+    n: int = 0,
+    m: int = 0,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SparseGPT column sweep: prune W and compensate with the OBS update.
+
+    Args:
+        W: weight (rows, cols) in fp32/fp16/bf16; not modified.
+        U: upper Cholesky factor of the damped inverse Hessian (cols, cols), fp32
+            (see :func:`sdsx.pruners.sparsegpt.inverse_hessian_factor`).
+        sparsity: unstructured fraction pruned in every block of ``blocksize`` columns
+            (ignored when ``m`` > 0).
+        n, m: N:M pattern (keep n of every m along cols), chosen every m columns from the
+            compensated weights; 0, 0 for unstructured.
+        blocksize: columns per lazy batch update; a multiple of m for N:M.
+    Returns:
+        (new weight in W's dtype with exact zeros, keep-mask, per-row loss (rows,) fp32 equal to
+        diag((W - W_new) H (W - W_new)^T) for the H that U factors).
+    """
+    _check_float("W", W)
+    _check_float("U", U, (torch.float32,))
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    cols = W.shape[1]
+    if U.shape != (cols, cols):
+        raise ValueError(f"U must be ({cols}, {cols}) to match W's {cols} columns, got {tuple(U.shape)}")
+    if U.device != W.device:
+        raise ValueError(f"W is on {W.device} but U is on {U.device}; move both to one device")
+    if not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if m:
+        _check_nm(n, m, cols)
+        if blocksize % m:
+            raise ValueError(f"blocksize ({blocksize}) must be a multiple of m ({m}) so that no group straddles two blocks")
+    else:
+        _check_sparsity(sparsity)
+    _check_finite("W", W)
+    _check_finite("U", U)
+    if _native("obs_sweep", W):
+        return torch.ops.sdsx.obs_sweep(W, U, float(sparsity), int(n), int(m), int(blocksize))
+    return reference.obs_sweep(W, U, float(sparsity), int(n), int(m), int(blocksize))
+
+
+def prox_step(
+    Y: torch.Tensor,
+    W_prev: torch.Tensor,
+    G: torch.Tensor,
+    step: float,
+    l1: float,
+    l2: float,
+    momentum: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused elementwise tail of one FISTA step after the GEMM ``G = (Y - Wd) @ H``.
+
+    Computes ``Z = Y - step * (2 G + 2 l2 Y)``, then ``W_next = soft_threshold(Z, step * l1)``
+    (or ``Z`` projected onto ``mask`` when given) and ``Y_next = W_next + momentum (W_next - W_prev)``.
+    All tensors fp32 and of one shape and device.
+    """
+    for name, t in (("Y", Y), ("W_prev", W_prev), ("G", G)):
+        _check_float(name, t, (torch.float32,))
+        if t.shape != Y.shape or t.device != Y.device:
+            raise ValueError(f"{name} must match Y's shape {tuple(Y.shape)} and device {Y.device}")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != Y.shape or mask.device != Y.device):
+        raise ValueError("mask must be a bool tensor of Y's shape on Y's device")
+    if step <= 0:
+        raise ValueError(f"step must be positive, got {step}")
+    if l1 < 0 or l2 < 0:
+        raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}")
+    if _native("prox_step", Y):
+        return torch.ops.sdsx.prox_step(Y, W_prev, G, float(step), float(l1), float(l2), float(momentum), mask)
+    return reference.prox_step(Y, W_prev, G, float(step), float(l1), float(l2), float(momentum), mask)

@@ -1,0 +1,18 @@
+"""One-shot pruners as pure tensor functions: (weight, statistics, pattern) -> PruneResult."""
+
+from sdsx.pruners.base import PruneResult, reconstruction_error
+from sdsx.pruners.magnitude import magnitude, select_mask
+from sdsx.pruners.sparsegpt import inverse_hessian_factor, sparsegpt
+from sdsx.pruners.spec import SparsitySpec
+from sdsx.pruners.wanda import wanda
+
+__all__ = [
+    "PruneResult",
+    "SparsitySpec",
+    "inverse_hessian_factor",
+    "magnitude",
+    "reconstruction_error",
+    "select_mask",
+    "sparsegpt",
+    "wanda",
+]

@@ -1,0 +1,87 @@
+"""SparseGPT (Frantar & Alistarh 2023): Hessian preparation around the native OBS sweep."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sdsx import ops
+from sdsx.pruners.base import PruneResult, reconstruction_error
+from sdsx.pruners.spec import SparsitySpec
+
+log = logging.getLogger("sdsx")
+
+
+def inverse_hessian_factor(
+    H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 8, name: str = "layer"
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + damp I)^-1, with dead inputs handled.
+
+    Dead inputs (H_ii = 0) get H_ii = 1 (their weights must be zeroed by the caller: see the
+    returned mask). Damping is ``percdamp * mean(diag H)``; when the Cholesky factorisation fails the
+    damping is multiplied by 10 (at most ``max_tries`` times) with a logged warning.
+
+    Returns:
+        (U fp32 (c, c), dead-input mask (c,) bool, the damping factor finally used).
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square, got {tuple(H.shape)}")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError(f"{name}: the Hessian holds NaN/Inf; check the calibration activations")
+    if percdamp < 0:
+        raise ValueError(f"percdamp must be >= 0, got {percdamp}")
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    mean_diag = float(torch.mean(torch.diag(H)))
+    if mean_diag <= 0:
+        mean_diag = 1.0
+    damp = percdamp
+    eye = torch.arange(H.shape[0], device=H.device)
+    for attempt in range(max_tries + 1):
+        Hd = H.clone()
+        Hd[eye, eye] += damp * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0 and bool(torch.isfinite(U).all()):
+                if attempt:
+                    log.warning("%s: Hessian not positive definite; damping raised to %.3g x mean(diag H)", name, damp)
+                return U, dead, damp
+        damp = damp * 10 if damp > 0 else 1e-6
+    raise FloatingPointError(
+        f"{name}: could not factor the Hessian even with damping {damp / 10:.3g} x mean(diag H); "
+        "the calibration inputs are degenerate (use more or longer calibration samples)"
+    )
+
+
+def sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: SparsitySpec | str | float,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str = "layer",
+) -> PruneResult:
+    """Prune ``weight`` (out, in) with SparseGPT using H = X X^T / T (in, in).
+
+    The returned loss is the true error tr(D H D^T) on the undamped H (the sweep's own estimate
+    is on the damped H and is an upper bound of it).
+    """
+    spec = SparsitySpec.parse(spec)
+    if hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"hessian must be ({weight.shape[1]}, {weight.shape[1]}), got {tuple(hessian.shape)}")
+    H = hessian.to(weight.device)
+    U, dead, _ = inverse_hessian_factor(H, percdamp, name=name)
+    W = weight
+    if bool(dead.any()):
+        W = weight.clone()
+        W[:, dead] = 0
+    if spec.is_nm:
+        bs = blocksize - blocksize % spec.m or spec.m
+        new, mask, _ = ops.obs_sweep(W, U, 0.0, spec.n, spec.m, bs)
+    else:
+        new, mask, _ = ops.obs_sweep(W, U, spec.sparsity, 0, 0, blocksize)
+    return PruneResult(new, mask, reconstruction_error(weight, new, H))

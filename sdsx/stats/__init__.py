@@ -1,0 +1,40 @@
+"""Streaming layer statistics: the Gram matrix H = X X^T / T (SparseGPT's Hessian up to a factor 2)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["GramAccumulator"]
+
+
+class GramAccumulator:
+    """Running mean of x x^T over calibration tokens, in fp32.
+
+    ``diag_only=True`` keeps only the diagonal (all Wanda needs: ||X_j||^2 / T).
+    """
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu", diag_only: bool = False) -> None:
+        self.columns = columns
+        self.diag_only = diag_only
+        shape = (columns,) if diag_only else (columns, columns)
+        self.sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs x (..., columns) of any float dtype."""
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"expected inputs with {self.columns} features, got {x.shape[-1]}")
+        x = x.reshape(-1, self.columns).to(device=self.sum.device, dtype=torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError("non-finite values (NaN/Inf) in the layer's inputs")
+        if self.diag_only:
+            self.sum += (x * x).sum(0)
+        else:
+            self.sum.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """H = sum x x^T / T (or its diagonal)."""
+        if self.tokens == 0:
+            raise RuntimeError("no calibration tokens were seen by this layer")
+        return self.sum / self.tokens
