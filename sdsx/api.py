@@ -1,0 +1,357 @@
+"""The public pruning API: ``sdsx.prune`` and the report it returns.
+
+Everything the user passes is validated before the model is touched (bad input changes nothing);
+then the block-sequential driver (:mod:`sdsx.model.driver`) runs a method's layer function, one of
+the pure pruners in :mod:`sdsx.pruners`, over every linear of every decoder block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from sdsx import ops
+from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, vocab_size
+from sdsx.model.driver import BlockDriver, DriverResult, LayerFn, as_batches
+from sdsx.pruners import PruneResult, SparsitySpec, inverse_hessian_factor, magnitude, reconstruction_error, wanda
+
+log = logging.getLogger("sdsx")
+
+__all__ = ["METHODS", "LayerReport", "Plan", "PruneReport", "layer_function", "prune", "report_from", "run_driver", "validate"]
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+# ---------------------------------------------------------------------------------------- report
+@dataclass
+class LayerReport:
+    """One pruned linear: its (out, in) shape, the fraction pruned, the reconstruction error
+    tr(D H D^T) on the calibration inputs (NaN when not computed) and the solver's seconds."""
+
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    error: float
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` did: per-layer rows, totals, split timings and peak memory.
+
+    Timings: ``forward_s`` the block forward passes (identical work for every method),
+    ``stats_s`` the statistics (Gram accumulation and finalisation), ``solver_s`` the layer
+    functions with write-back; ``total_s`` the whole run (including validation).
+    ``peak_memory_bytes`` is ``torch.cuda.max_memory_allocated`` on CUDA; on CPU it is the peak
+    of what the driver holds (activation buffer, block arguments, the block on the device, the
+    statistics and one layer's result), which is what grows or not with depth.
+    """
+
+    method: str
+    sparsity: str
+    layers: list[LayerReport] = field(default_factory=list)
+    nsamples: int = 0
+    tokens: int = 0
+    forward_s: float = 0.0
+    stats_s: float = 0.0
+    solver_s: float = 0.0
+    total_s: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = "tracked"
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.layers)
+
+    @property
+    def pruned(self) -> int:
+        return sum(round(r.sparsity * r.shape[0] * r.shape[1]) for r in self.layers)
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Pruned fraction of all weights of the pruned linears."""
+        return self.pruned / self.numel if self.numel else 0.0
+
+    @property
+    def total_error(self) -> float:
+        """Sum of the layers' reconstruction errors (NaN when not computed)."""
+        return float(sum(r.error for r in self.layers))
+
+    @property
+    def pruning_s(self) -> float:
+        """Time outside the forward passes: statistics plus solver."""
+        return self.stats_s + self.solver_s
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = [dict(asdict(r), shape=list(r.shape)) for r in self.layers]
+        out.update(
+            numel=self.numel,
+            pruned=self.pruned,
+            overall_sparsity=self.overall_sparsity,
+            total_error=_json_float(self.total_error),
+            pruning_s=self.pruning_s,
+        )
+        for row in out["layers"]:
+            row["error"] = _json_float(row["error"])
+        return out
+
+    def to_markdown(self, per_layer: bool = True) -> str:
+        """A summary line, the timing split and (optionally) one table row per layer."""
+        lines = [
+            f"**{self.method} {self.sparsity}**: {len(self.layers)} layers, {self.pruned:,} of {self.numel:,} "
+            f"weights pruned ({self.overall_sparsity:.2%}), total error {self.total_error:.4g}, "
+            f"calibration {self.nsamples} sequences / {self.tokens:,} tokens on {self.device}",
+            "",
+            "| forward s | statistics s | solver s | total s | peak memory MiB |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {self.forward_s:.2f} | {self.stats_s:.2f} | {self.solver_s:.2f} | {self.total_s:.2f} | "
+            f"{self.peak_memory_bytes / 2**20:.1f} ({self.peak_memory_kind}) |",
+        ]
+        if per_layer:
+            lines += ["", "| layer | shape | sparsity | error | seconds |", "|---|---|---:|---:|---:|"]
+            for r in self.layers:
+                lines.append(f"| {r.name} | {r.shape[0]}x{r.shape[1]} | {r.sparsity:.4f} | {r.error:.4g} | {r.seconds:.3f} |")
+        return "\n".join(lines)
+
+
+def _json_float(x: float) -> float | None:
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+def report_from(result: DriverResult, method: str, spec: SparsitySpec, options: dict[str, Any] | None = None) -> PruneReport:
+    """Turn the driver's records into a :class:`PruneReport`."""
+    on_cuda = result.cuda_peak_bytes is not None
+    return PruneReport(
+        method=method,
+        sparsity=str(spec),
+        layers=[LayerReport(r.name, r.shape, r.sparsity, r.loss, r.seconds) for r in result.layers],
+        nsamples=result.nsamples,
+        tokens=result.tokens,
+        forward_s=result.forward_s,
+        stats_s=result.stats_s,
+        solver_s=result.solver_s,
+        total_s=result.total_s,
+        peak_memory_bytes=int(result.cuda_peak_bytes if on_cuda else result.peak_tracked_bytes),
+        peak_memory_kind="cuda" if on_cuda else "tracked",
+        device=result.device,
+        options=dict(options or {}),
+    )
+
+
+# ------------------------------------------------------------------------------------ validation
+@dataclass
+class Plan:
+    """Validated inputs, ready for the driver."""
+
+    spec: SparsitySpec
+    batches: list[torch.Tensor] | None
+
+
+def validate(
+    model: nn.Module,
+    calib: torch.Tensor | Sequence[torch.Tensor] | None,
+    sparsity: SparsitySpec | str | float,
+    *,
+    need_calib: bool = True,
+    batch_size: int = 1,
+) -> Plan:
+    """Check a pruning request without touching the model.
+
+    Raises ValueError/TypeError for: an unparsable or out-of-range sparsity, a model without
+    decoder blocks or linears, an N:M group size that does not divide a layer's inputs, missing or
+    empty calibration, non-integer ids, ids outside the model's vocabulary (the tokenizer does not
+    match the model) and sequences longer than the model accepts.
+    """
+    spec = SparsitySpec.parse(sparsity)
+    blocks, path = find_blocks(model)
+    count = 0
+    for index, block in enumerate(blocks):
+        for name, module in find_linears(block, prefix=f"{path}.{index}").items():
+            count += 1
+            cols = in_features(module)
+            if spec.is_nm and cols % spec.m:
+                raise ValueError(
+                    f"{spec} sparsity needs every layer's input size to be a multiple of {spec.m}, but {name} has "
+                    f"{cols} inputs; use unstructured sparsity for this model"
+                )
+    if count == 0:
+        raise ValueError(f"the decoder blocks at {path} contain no nn.Linear or Conv1D layers to prune")
+    if calib is None:
+        if need_calib:
+            raise ValueError("this method needs calibration token ids: pass a LongTensor (nsamples, seqlen)")
+        return Plan(spec, None)
+    if isinstance(calib, (str, bytes)):
+        raise TypeError("calib must be token ids (a LongTensor (nsamples, seqlen)); build them with sdsx.calibration(text, tokenizer)")
+    batches = as_batches(calib, batch_size)
+    if not batches or any(b.numel() == 0 for b in batches):
+        raise ValueError("the calibration set is empty: pass at least one sequence of at least one token")
+    vocab = vocab_size(model)
+    limit = max_positions(model)
+    for b in batches:
+        if b.dtype.is_floating_point or b.dtype.is_complex or b.dtype == torch.bool:
+            raise TypeError(f"calibration must hold integer token ids, got dtype {b.dtype}")
+        low, high = int(b.min()), int(b.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise ValueError(
+                f"calibration token ids range over [{low}, {high}] but the model's vocabulary has {vocab} entries: "
+                "the tokenizer does not match the model"
+            )
+        if limit is not None and b.shape[1] > limit:
+            raise ValueError(f"calibration sequences of {b.shape[1]} tokens exceed the model's {limit} positions")
+    return Plan(spec, [b.long() for b in batches])
+
+
+# ------------------------------------------------------------------------------- layer functions
+def _sparsegpt_shared(spec: SparsitySpec, blocksize: int, percdamp: float, report_error: bool) -> LayerFn:
+    """SparseGPT whose Hessian factorization is reused by linears that share their input (q/k/v,
+    gate/up): the driver hands them the same H object, and the factor depends only on H."""
+    cache: dict[str, Any] = {"H": None}
+    bs = blocksize - blocksize % spec.m or spec.m if spec.is_nm else blocksize
+
+    def fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
+        if H is None:
+            raise ValueError(f"{name}: SparseGPT needs the layer's Hessian")
+        if cache["H"] is not H:  # identity (not id()): the cache holds H, so no address reuse
+            cache["H"] = H
+            cache["factor"] = inverse_hessian_factor(H, percdamp, name=name)
+        U, dead, _ = cache["factor"]
+        Wd = W
+        if bool(dead.any()):
+            Wd = W.clone()
+            Wd[:, dead] = 0
+        if spec.is_nm:
+            new, mask, _ = ops.obs_sweep(Wd, U, 0.0, spec.n, spec.m, bs)
+        else:
+            new, mask, _ = ops.obs_sweep(Wd, U, spec.sparsity, 0, 0, bs)
+        return PruneResult(new, mask, reconstruction_error(W, new, H) if report_error else float("nan"))
+
+    return fn
+
+
+def layer_function(
+    method: str,
+    spec: SparsitySpec,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    report_error: bool = True,
+) -> tuple[LayerFn, str]:
+    """The layer function of a method and the statistics it needs ("full", "diag" or "none")."""
+    if method == "magnitude":
+        return (lambda name, W, H: magnitude(W, spec, H)), ("full" if report_error else "none")
+    if method == "wanda":
+
+        def wanda_fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
+            if H.dim() == 1:
+                return wanda(W, H, spec)
+            return wanda(W, torch.diagonal(H), spec, hessian=H)
+
+        return wanda_fn, ("full" if report_error else "diag")
+    if method == "sparsegpt":
+        return _sparsegpt_shared(spec, blocksize, percdamp, report_error), "full"
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _check_options(method: str, blocksize: Any, percdamp: Any, methods: Sequence[str] = METHODS) -> None:
+    if not isinstance(method, str) or method.lower() not in methods:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if not isinstance(percdamp, (int, float)) or not math.isfinite(percdamp) or percdamp < 0:
+        raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+
+
+def run_driver(
+    model: nn.Module,
+    plan: Plan,
+    layer_fn: LayerFn,
+    stats: str,
+    *,
+    device: torch.device | str | None,
+    offload: bool,
+    progress: bool,
+    desc: str,
+    batch_size: int = 1,
+    driver_options: dict[str, Any] | None = None,
+) -> DriverResult:
+    """Run the block-sequential driver for a validated plan (shared by every pruning entry point)."""
+    driver = BlockDriver(
+        model, device=device, offload=offload, stats=stats, batch_size=batch_size, progress=progress, desc=desc,
+        **(driver_options or {}),
+    )
+    return driver.run(plan.batches if stats != "none" else None, layer_fn)
+
+
+# ------------------------------------------------------------------------------------ public API
+def prune(
+    model: nn.Module,
+    calib: torch.Tensor | Sequence[torch.Tensor] | None,
+    method: str = "sparsegpt",
+    sparsity: SparsitySpec | str | float = 0.5,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    device: torch.device | str | None = None,
+    offload: bool = True,
+    progress: bool = True,
+    report_error: bool = True,
+    batch_size: int = 1,
+) -> PruneReport:
+    """Prune every linear layer of every decoder block of ``model`` in place, in one shot.
+
+    Embeddings and the LM head are never touched. Inputs are validated first: on a ValueError or
+    TypeError the model is unchanged.
+
+    Args:
+        model: a Hugging Face causal LM (LLaMA/SmolLM2/Mistral/Qwen, OPT, GPT-2 families).
+        calib: calibration token ids, a LongTensor (nsamples, seqlen) or a list of them (see
+            :func:`sdsx.calibration`); may be None for ``magnitude`` with ``report_error=False``.
+        method: "sparsegpt", "wanda" or "magnitude".
+        sparsity: a fraction in [0, 1) (unstructured), or "2:4" / "4:8" (N kept of every M inputs).
+        blocksize: SparseGPT's lazy-update block (columns).
+        percdamp: SparseGPT's damping, a fraction of mean(diag H).
+        device: where blocks run (default CUDA when available, else the model's device).
+        offload: keep the calibration activations on CPU between blocks.
+        progress: show a progress bar per block.
+        report_error: compute every layer's reconstruction error tr(D H D^T); for Wanda and
+            magnitude this needs the full H (one more GEMM per input), so False makes them cheaper.
+        batch_size: calibration sequences per block forward call.
+    Returns:
+        A :class:`PruneReport`.
+    """
+    import time
+
+    start = time.perf_counter()
+    _check_options(method, blocksize, percdamp)
+    method = method.lower()
+    spec = SparsitySpec.parse(sparsity)
+    layer_fn, stats = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=report_error)
+    plan = validate(model, calib, spec, need_calib=stats != "none", batch_size=batch_size)
+    if stats == "none" and plan.batches is not None:
+        plan = Plan(plan.spec, None)
+    result = run_driver(
+        model, plan, layer_fn, stats, device=device, offload=offload, progress=progress,
+        desc=f"{method} {spec}", batch_size=batch_size,
+    )
+    report = report_from(
+        result, method, spec,
+        dict(blocksize=blocksize, percdamp=percdamp, offload=offload, report_error=report_error, batch_size=batch_size),
+    )
+    report.total_s = time.perf_counter() - start
+    if plan.batches is not None:
+        report.nsamples = sum(b.shape[0] for b in plan.batches)
+        report.tokens = sum(b.numel() for b in plan.batches)
+    log.info(
+        "%s %s: %.2f%% of %d weights pruned in %.1fs (forward %.1fs, statistics %.1fs, solver %.1fs)",
+        method, spec, 100 * report.overall_sparsity, report.numel, report.total_s,
+        report.forward_s, report.stats_s, report.solver_s,
+    )
+    return report

@@ -1,0 +1,119 @@
+"""Calibration token windows: N sequences of L tokens sampled with a seed from a text source."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdsx.data.text import HUB_DATASETS, hub_rows, join_rows, read_local
+
+log = logging.getLogger("sdsx")
+
+__all__ = ["calibration", "encode"]
+
+
+def encode(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids (1-D LongTensor) of ``text``: a Hugging Face tokenizer, or any callable str -> ids."""
+    if hasattr(tokenizer, "__call__") and hasattr(tokenizer, "convert_tokens_to_ids"):
+        # verbose=False: the whole corpus is longer than model_max_length on purpose; the
+        # "sequence too long" warning does not apply because we cut windows ourselves.
+        ids = tokenizer(text, verbose=False)["input_ids"]
+    elif callable(tokenizer):
+        ids = tokenizer(text)
+        if isinstance(ids, dict):
+            ids = ids["input_ids"]
+    else:
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer or a callable, got {type(tokenizer).__name__}")
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+
+def _windows(ids: torch.Tensor, nsamples: int, seqlen: int, generator: torch.Generator, what: str) -> torch.Tensor:
+    total = ids.numel()
+    if total < seqlen:
+        raise ValueError(
+            f"not enough calibration text: {what} has {total} tokens, but one window of seqlen={seqlen} "
+            f"needs at least {seqlen} tokens; give more text or ask for a shorter seqlen"
+        )
+    if total < nsamples * seqlen:
+        log.info("calibration: %d windows of %d tokens from %d tokens overlap", nsamples, seqlen, total)
+    starts = torch.randint(0, total - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def _c4_windows(tokenizer: Any, nsamples: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    # The SparseGPT protocol for C4: a random document long enough, then a random window in it
+    # (C4 is too large to tokenize as one text).
+    rows = hub_rows("c4", "train")
+    out = []
+    for _ in range(100 * nsamples):
+        if len(out) == nsamples:
+            break
+        doc = rows[int(torch.randint(0, len(rows), (1,), generator=generator))]
+        ids = encode(tokenizer, doc)
+        if ids.numel() > seqlen:
+            s = int(torch.randint(0, ids.numel() - seqlen + 1, (1,), generator=generator))
+            out.append(ids[s : s + seqlen])
+    if len(out) < nsamples:
+        raise ValueError(f"C4: found only {len(out)} documents longer than seqlen={seqlen} tokens")
+    return torch.stack(out)
+
+
+def calibration(
+    source: "str | os.PathLike | Iterable[str]",
+    tokenizer: Any,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Sample ``nsamples`` windows of ``seqlen`` tokens from a text source, reproducibly.
+
+    Args:
+        source: a local file (.txt; .jsonl with a "text" field; WikiText .raw), a hub dataset name
+            ("c4", "wikitext2", "ptb"; needs a reachable hub and `datasets`), or an iterable of
+            strings (joined with blank lines).
+        tokenizer: the model's tokenizer (the text is tokenized once, then windows are cut).
+        nsamples: number of sequences.
+        seqlen: tokens per sequence.
+        seed: seeds a private torch.Generator: the same seed gives the same windows.
+    Returns:
+        LongTensor (nsamples, seqlen).
+    Raises:
+        ValueError: the text has fewer than ``seqlen`` tokens (the message says how many).
+    """
+    if not isinstance(nsamples, int) or nsamples < 1:
+        raise ValueError(f"nsamples must be a positive int, got {nsamples!r}")
+    if not isinstance(seqlen, int) or seqlen < 1:
+        raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
+    generator = torch.Generator().manual_seed(int(seed))
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_file():
+            text = read_local(path)[0]
+            what = str(path)
+        elif str(source).lower() in HUB_DATASETS:
+            name = str(source).lower()
+            if name == "c4":
+                return _c4_windows(tokenizer, nsamples, seqlen, generator)
+            rows = hub_rows(name, HUB_DATASETS[name][2])
+            text = join_rows(rows, " " if name == "ptb" else "\n\n")
+            what = f"{name} (train)"
+        else:
+            raise FileNotFoundError(
+                f"calibration source {str(source)!r} is neither an existing file nor a known dataset "
+                f"name ({', '.join(sorted(HUB_DATASETS))})"
+            )
+    else:
+        rows = list(source)
+        if not all(isinstance(r, str) for r in rows):
+            raise TypeError("an iterable calibration source must yield strings")
+        text = join_rows(rows)
+        what = "the given text"
+    if not text.strip():
+        raise ValueError(f"not enough calibration text: {what} is empty (0 tokens; need at least {seqlen})")
+    ids = encode(tokenizer, text)
+    return _windows(ids, nsamples, seqlen, generator, what)

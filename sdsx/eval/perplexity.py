@@ -1,0 +1,105 @@
+"""Perplexity with the SparseGPT/Wanda protocol: tokenize the joined text once, cut it into
+non-overlapping windows, PPL = exp(mean next-token NLL over every predicted token)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdsx.data.calibration import encode
+from sdsx.model.blocks import max_positions, vocab_size
+
+__all__ = ["perplexity", "window_nll"]
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLLs (fp32) of each row of ``windows`` (b, L) -> (b,)."""
+    logits = _logits(model(input_ids=windows, use_cache=False)).float()
+    shift = logits[:, :-1].reshape(-1, logits.shape[-1])
+    target = windows[:, 1:].reshape(-1)
+    nll = nn.functional.cross_entropy(shift, target, reduction="none")
+    return nll.view(windows.shape[0], -1).sum(1)
+
+
+def perplexity(
+    model: nn.Module,
+    text_or_ids: "str | torch.Tensor",
+    tokenizer: Any = None,
+    seqlen: int = 2048,
+    batch_size: int = 4,
+    max_windows: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> float:
+    """Perplexity of ``model`` on a text (SparseGPT/Wanda protocol, DESIGN.md section 4).
+
+    The text is tokenized once (with the tokenizer's default special tokens) and split into
+    ``len // seqlen`` non-overlapping windows (the tail shorter than a window is dropped); each
+    window is scored on its own, predicting tokens 1..L-1 from their prefix.
+
+    Args:
+        model: a causal LM returning logits.
+        text_or_ids: the evaluation text (see :func:`sdsx.data.load_text`) or its token ids (1-D or (1, n)).
+        tokenizer: needed when a text is given.
+        seqlen: window length; capped at the model's maximum positions.
+        batch_size: windows per forward call.
+        max_windows: evaluate only the first this many windows (quick checks).
+        device: where to run; default the model's device (the model is moved there and back).
+        progress: show a tqdm bar.
+    Returns:
+        exp(mean NLL over all predicted tokens).
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(text_or_ids, str):
+        if tokenizer is None:
+            raise ValueError("perplexity of a text needs the model's tokenizer (tokenizer=...)")
+        ids = encode(tokenizer, text_or_ids)
+    elif isinstance(text_or_ids, torch.Tensor):
+        ids = text_or_ids.reshape(-1).long()
+    else:
+        raise TypeError(f"text_or_ids must be a str or a LongTensor of token ids, got {type(text_or_ids).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = max_positions(model)
+    if limit is not None:
+        seqlen = min(seqlen, limit)
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2 to predict a token, got {seqlen}")
+    vocab = vocab_size(model)
+    if vocab is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise ValueError(
+            f"token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has {vocab} "
+            "entries: the tokenizer does not match the model"
+        )
+    count = ids.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, int(max_windows))
+    if count < 1:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    windows = ids[: count * seqlen].view(count, seqlen)
+
+    home = next(model.parameters()).device
+    run_on = torch.device(device) if device is not None else home
+    training = model.training
+    model.eval()
+    if run_on != home:
+        model.to(run_on)
+    total = 0.0
+    try:
+        for start in tqdm(range(0, count, batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):
+            batch = windows[start : start + batch_size].to(run_on)
+            total += float(window_nll(model, batch).double().sum())
+    finally:
+        if run_on != home:
+            model.to(home)
+        model.train(training)
+    return math.exp(total / (count * (seqlen - 1)))

@@ -1,0 +1,508 @@
+"""Block-sequential driver: owns data movement and hooks; the per-layer math is injected.
+
+For each decoder block in turn: move it to the compute device, run every calibration batch
+through it while forward hooks accumulate the Gram statistics of its linear layers' inputs, call
+``layer_fn(name, weight, H)`` for every linear and write the result back, then re-run the changed
+block to produce the next block's inputs and move it back. Only one block and one activation
+buffer (nsamples x seqlen x hidden, optionally kept on CPU) are live at any time, so peak memory
+does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, set_weight
+from sdsx.pruners.base import PruneResult
+from sdsx.stats import GramAccumulator
+
+log = logging.getLogger("sdsx")
+
+__all__ = ["BlockDriver", "DriverResult", "LayerRecord", "LayerFn", "STAT_KINDS", "as_batches"]
+
+#: ``layer_fn(qualified_name, weight (out, in) on the compute device, H or None) -> PruneResult``;
+#: H is the (in, in) Gram matrix X X^T / T, or its diagonal (in,) with ``stats="diag"``, or None
+#: with ``stats="none"``. Linears that read the same input tensor receive the *same* H object, so
+#: a layer function may cache work keyed on it (e.g. a factorization). Returning None leaves the
+#: layer unchanged.
+LayerFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], "PruneResult | None"]
+
+STAT_KINDS = ("full", "diag", "none")
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one linear layer."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    pruned: int  # entries the mask removed
+    numel: int
+    loss: float  # the layer function's reported error (NaN when it had none)
+    seconds: float  # wall time of the layer function plus the write-back
+    block: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.numel if self.numel else 0.0
+
+
+@dataclass
+class DriverResult:
+    """Per-layer records and where the time and memory went."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    forward_s: float = 0.0  # block forward passes (capture, statistics pass without hooks, re-run)
+    stats_s: float = 0.0  # statistics accumulation inside the hooks plus finalisation
+    solver_s: float = 0.0  # layer functions and weight write-back
+    total_s: float = 0.0  # wall time of the whole run
+    peak_tracked_bytes: int = 0  # activations + kwargs + one block + statistics + one layer's result
+    cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated on CUDA runs
+    device: str = "cpu"
+    nsamples: int = 0
+    tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = [dict(asdict(r), sparsity=r.sparsity) for r in self.layers]
+        return out
+
+
+class _Captured(Exception):
+    """Raised by the block-0 hook to stop the model once the block's inputs are known."""
+
+
+class _Memory:
+    """Bytes the driver itself holds (tensors it owns or keeps alive), with the running peak."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def sub(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o) for o in obj.values())
+    return 0
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(_nbytes(t) for t in module.parameters()) + sum(_nbytes(t) for t in module.buffers())
+
+
+def _is_cache(obj: Any) -> bool:
+    # KV caches must not be shared between calibration batches; matched by name so that this
+    # module does not need transformers.
+    return any(cls.__name__.endswith("Cache") for cls in type(obj).__mro__)
+
+
+def _clean(obj: Any) -> Any:
+    """Detach tensors and drop KV caches from captured block arguments."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if _is_cache(obj):
+        return None
+    if isinstance(obj, tuple):
+        return tuple(_clean(o) for o in obj)
+    if isinstance(obj, list):
+        return [_clean(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    return obj
+
+
+def as_batches(calib: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 1) -> list[torch.Tensor]:
+    """Split calibration token ids into (b, L) LongTensor batches.
+
+    Accepts a (nsamples, seqlen) tensor, a 1-D tensor (one sequence), or a list of 1-D / 2-D
+    tensors (sequences of one list entry may differ in length from another's).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(calib, torch.Tensor):
+        seqs = [calib.unsqueeze(0)] if calib.dim() == 1 else [calib]
+    else:
+        seqs = []
+        for item in calib:
+            if not isinstance(item, torch.Tensor):
+                item = torch.as_tensor(item)
+            seqs.append(item.unsqueeze(0) if item.dim() == 1 else item)
+    batches: list[torch.Tensor] = []
+    for seq in seqs:
+        if seq.dim() != 2:
+            raise ValueError(f"calibration tensors must be (nsamples, seqlen) token ids, got shape {tuple(seq.shape)}")
+        for start in range(0, seq.shape[0], batch_size):
+            batches.append(seq[start : start + batch_size])
+    return batches
+
+
+class BlockDriver:
+    """Runs a layer function over every linear of every decoder block, block by block.
+
+    Args:
+        model: a causal LM (see :func:`sdsx.model.blocks.find_blocks` for the families known).
+        device: where blocks run; default CUDA when available, else the model's device. The model
+            itself may stay on CPU: blocks are moved one at a time.
+        offload: keep the activation buffer on CPU between blocks (else on ``device``).
+        stats: "full" (H = X X^T / T), "diag" (its diagonal, what Wanda needs) or "none" (no
+            calibration forward passes at all: the layer function gets H=None).
+        accumulator: factory ``(columns, device, diag_only) -> object`` with ``update(x)`` and
+            ``finalize()``; default :class:`sdsx.stats.GramAccumulator`. Benchmarks plug the
+            published SparseGPT/Wanda accumulation here.
+        share_inputs: linears that read the same input tensor share one accumulator (one X X^T
+            GEMM per distinct input); False gives every linear its own, as the published code does.
+        batch_size: calibration sequences per block forward call.
+        progress: show a tqdm bar per block.
+        desc: the progress bar's label.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str | None = None,
+        offload: bool = True,
+        stats: str = "full",
+        batch_size: int = 1,
+        progress: bool = True,
+        desc: str = "sdsx",
+        accumulator: Callable[[int, torch.device, bool], Any] | None = None,
+        share_inputs: bool = True,
+    ) -> None:
+        if stats not in STAT_KINDS:
+            raise ValueError(f"stats must be one of {STAT_KINDS}, got {stats!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.blocks, self.path = find_blocks(model)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.store_device = torch.device("cpu") if offload else self.device
+        self.stats = stats
+        self.batch_size = batch_size
+        self.progress = progress
+        self.desc = desc
+        self.accumulator = accumulator or (lambda columns, device, diag: GramAccumulator(columns, device=device, diag_only=diag))
+        self.share_inputs = share_inputs
+
+    # ------------------------------------------------------------------ timing helpers
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _now(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+    # ------------------------------------------------------------------ capture
+    def _move_outside_blocks(self, device: torch.device) -> list[tuple]:
+        """Move every parameter and buffer that is not inside a block (embeddings, rotary tables,
+        final norm, head) to ``device``; return what moved so that it can be put back."""
+        inside = {id(m) for m in self.blocks.modules()}
+        moved: list[tuple] = []
+        for module in self.model.modules():
+            if id(module) in inside:
+                continue
+            for p in module._parameters.values():
+                if p is not None and p.device != device:
+                    moved.append(("param", p, p.device))
+                    p.data = p.data.to(device)
+            for name, b in module._buffers.items():
+                if b is not None and b.device != device:
+                    moved.append(("buffer", (module, name), b.device))
+                    module._buffers[name] = b.to(device)
+        return moved
+
+    @staticmethod
+    def _restore(moved: list[tuple]) -> None:
+        for kind, obj, device in reversed(moved):
+            if kind == "param":
+                obj.data = obj.data.to(device)
+            else:
+                module, name = obj
+                module._buffers[name] = module._buffers[name].to(device)
+
+    def capture(self, batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], dict[tuple, tuple]]:
+        """Run the model up to block 0 for every batch.
+
+        Returns:
+            (hidden-state inputs of block 0, one (b, L, hidden) tensor per batch on the store
+            device; {input shape: (extra positional args, keyword args)} the model passes to its
+            blocks, with KV caches removed).
+        """
+        inputs: list[torch.Tensor] = []
+        arguments: dict[tuple, tuple] = {}
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            inputs.append(hidden.detach().to(self.store_device, copy=hidden.device == self.store_device))
+            key = tuple(hidden.shape)
+            if key not in arguments:
+                arguments[key] = (_clean(rest), _clean(kwargs))
+            raise _Captured
+
+        handle = self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        moved = self._move_outside_blocks(self.device)
+        try:
+            for ids in batches:
+                try:
+                    self.model(input_ids=ids.to(self.device), use_cache=False)
+                except _Captured:
+                    continue
+                raise RuntimeError(
+                    f"{type(self.model).__name__} returned without calling its first decoder block "
+                    f"({self.path}.0); sdsx cannot capture the block inputs of this model"
+                )
+        finally:
+            handle.remove()
+            self._restore(moved)
+        return inputs, arguments
+
+    # ------------------------------------------------------------------ one block
+    def _call(self, block: nn.Module, x: torch.Tensor, arguments: dict[tuple, tuple]) -> torch.Tensor:
+        args, kwargs = arguments[tuple(x.shape)]
+        out = block(x, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _statistics(
+        self,
+        block: nn.Module,
+        linears: dict[str, nn.Module],
+        buffer: list[torch.Tensor],
+        arguments: dict[tuple, tuple],
+        result: DriverResult,
+        memory: _Memory,
+    ) -> dict[str, Any]:
+        """One pass of the calibration batches through ``block`` with hooks on its linears.
+
+        Linears that read the same input tensor share one accumulator, so the X X^T GEMM is done
+        once per distinct input (q/k/v, gate/up).
+        """
+        acc_of: dict[str, Any] = {}
+        seen: dict[tuple, tuple[torch.Tensor, Any]] = {}
+        updated: set[int] = set()
+        hook_time = [0.0]
+        diag = self.stats == "diag"
+
+        def make_hook(name: str, module: nn.Module) -> Callable:
+            columns = in_features(module)
+
+            def hook(mod: nn.Module, inputs: tuple, output: Any) -> None:
+                t0 = self._now()
+                x = inputs[0]
+                # The tensor itself is kept in `seen` until the call ends, so its address cannot
+                # be reused by another tensor of the same shape within the call.
+                key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
+                if not self.share_inputs:
+                    key = key + (name,)
+                hit = seen.get(key)
+                if hit is not None:
+                    shared = hit[1]
+                    mine = acc_of.setdefault(name, shared)
+                    if mine is not shared:
+                        raise RuntimeError(
+                            f"{name}: the linear layers of this block share inputs differently from "
+                            "one calibration batch to the next; sdsx cannot group their statistics"
+                        )
+                else:
+                    acc = acc_of.get(name)
+                    if acc is None:
+                        acc = self.accumulator(columns, self.device, diag)
+                        acc_of[name] = acc
+                        memory.add(_nbytes(vars(acc)))
+                    elif id(acc) in updated:
+                        raise RuntimeError(
+                            f"{name}: the linear layers of this block share inputs differently from "
+                            "one calibration batch to the next; sdsx cannot group their statistics"
+                        )
+                    acc.update(x)
+                    updated.add(id(acc))
+                    seen[key] = (x, acc)
+                hook_time[0] += self._now() - t0
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(n, m)) for n, m in linears.items()]
+        try:
+            for x in buffer:
+                t0 = self._now()
+                hook_before = hook_time[0]
+                self._call(block, x.to(self.device), arguments)
+                seen.clear()
+                updated.clear()
+                wall = self._now() - t0
+                hooks = hook_time[0] - hook_before
+                result.forward_s += wall - hooks
+                result.stats_s += hooks
+        finally:
+            for h in handles:
+                h.remove()
+            seen.clear()
+        missing = [n for n in linears if n not in acc_of]
+        if missing:
+            raise RuntimeError(
+                f"linear layers {missing} were never called during the block's forward pass, so they "
+                "have no calibration statistics"
+            )
+        return acc_of
+
+    def _propagate(self, block: nn.Module, buffer: list[torch.Tensor], arguments: dict, result: DriverResult) -> None:
+        """Replace every batch in ``buffer`` with the block's output on it (each batch depends
+        only on itself, so the buffer is overwritten in place: no second buffer)."""
+        for x in buffer:
+            t0 = self._now()
+            out = self._call(block, x.to(self.device), arguments)
+            x.copy_(out)
+            result.forward_s += self._now() - t0
+
+    # ------------------------------------------------------------------ the run
+    @torch.no_grad()
+    def run(self, calib: torch.Tensor | Sequence[torch.Tensor] | None, layer_fn: LayerFn) -> DriverResult:
+        """Apply ``layer_fn`` to every linear of every block, in place.
+
+        Args:
+            calib: (nsamples, seqlen) token ids, or a list of such tensors; may be None when
+                ``stats="none"``.
+            layer_fn: see :data:`LayerFn`.
+        Returns:
+            A :class:`DriverResult` with per-layer records, split timings and peak memory.
+        """
+        result = DriverResult(device=str(self.device))
+        memory = _Memory()
+        start = self._now()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        training = self.model.training
+        self.model.eval()  # dropout would make statistics and outputs random
+        buffer: list[torch.Tensor] = []
+        arguments: dict[tuple, tuple] = {}
+        try:
+            if self.stats != "none":
+                if calib is None:
+                    raise ValueError(f"stats={self.stats!r} needs calibration token ids")
+                batches = as_batches(calib, self.batch_size)
+                result.nsamples = sum(b.shape[0] for b in batches)
+                result.tokens = sum(b.numel() for b in batches)
+                t0 = self._now()
+                buffer, arguments = self.capture(batches)
+                result.forward_s += self._now() - t0
+                memory.add(_nbytes(buffer) + _nbytes(arguments))
+            self._blocks(buffer, arguments, layer_fn, result, memory)
+        finally:
+            buffer.clear()
+            self.model.train(training)
+        result.total_s = self._now() - start
+        result.peak_tracked_bytes = memory.peak
+        if self.device.type == "cuda":
+            result.cuda_peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        return result
+
+    def _blocks(
+        self,
+        buffer: list[torch.Tensor],
+        arguments: dict,
+        layer_fn: LayerFn,
+        result: DriverResult,
+        memory: _Memory,
+    ) -> None:
+        from tqdm.auto import tqdm
+
+        count = len(self.blocks)
+        bar = tqdm(total=count, desc=self.desc, unit="block", disable=not self.progress, leave=False)
+        try:
+            for index, block in enumerate(self.blocks):
+                f0, s0, p0 = result.forward_s, result.stats_s, result.solver_s
+                home = next(block.parameters()).device
+                block.to(self.device)
+                block_bytes = _module_bytes(block)
+                memory.add(block_bytes)
+                linears = find_linears(block, prefix=f"{self.path}.{index}")
+                accs: dict[str, Any] = {}
+                if self.stats != "none":
+                    accs = self._statistics(block, linears, buffer, arguments, result, memory)
+                self._solve(index, linears, accs, layer_fn, result, memory)
+                for acc in {id(a): a for a in accs.values()}.values():
+                    memory.sub(_nbytes(vars(acc)))
+                accs.clear()
+                if buffer and index + 1 < count:  # the last block's outputs are never used
+                    self._propagate(block, buffer, arguments, result)
+                block.to(home)
+                memory.sub(block_bytes)
+                bar.update(1)
+                bar.set_postfix(fwd=f"{result.forward_s:.1f}s", stats=f"{result.stats_s:.1f}s", solve=f"{result.solver_s:.1f}s")
+                log.info(
+                    "%s: block %d/%d, %d linears: forward %.2fs, statistics %.2fs, solver %.2fs",
+                    self.desc,
+                    index + 1,
+                    count,
+                    len(linears),
+                    result.forward_s - f0,
+                    result.stats_s - s0,
+                    result.solver_s - p0,
+                )
+        finally:
+            bar.close()
+
+    def _solve(
+        self,
+        index: int,
+        linears: dict[str, nn.Module],
+        accs: dict[str, Any],
+        layer_fn: LayerFn,
+        result: DriverResult,
+        memory: _Memory,
+    ) -> None:
+        finalized: dict[int, torch.Tensor] = {}
+        try:
+            for name, module in linears.items():
+                H = None
+                acc = accs.get(name)
+                if acc is not None:
+                    H = finalized.get(id(acc))
+                    if H is None:
+                        t0 = self._now()
+                        H = finalized[id(acc)] = acc.finalize()
+                        memory.add(_nbytes(H))
+                        result.stats_s += self._now() - t0
+                weight = get_weight(module)
+                t0 = self._now()
+                out = layer_fn(name, weight, H)
+                if out is not None:
+                    memory.add(_nbytes(tuple(out)))
+                    set_weight(module, out.weight)
+                    memory.sub(_nbytes(tuple(out)))
+                seconds = self._now() - t0
+                result.solver_s += seconds
+                if out is None:
+                    pruned, loss = 0, float("nan")
+                else:
+                    pruned, loss = int(out.mask.numel() - out.mask.sum()), float(out.loss)
+                rows, cols = weight.shape
+                result.layers.append(LayerRecord(name, (int(rows), int(cols)), pruned, weight.numel(), loss, seconds, index))
+        finally:
+            memory.sub(sum(_nbytes(h) for h in finalized.values()))
+
