@@ -16,6 +16,7 @@ at::Tensor nm_mask_cpu(const at::Tensor& scores, int64_t n, int64_t m) {
   auto keep = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   const int64_t groups = s.numel() / m;
   const float* sp = s.const_data_ptr<float>();
+  TORCH_CHECK_VALUE(all_finite(sp, s.numel()), "nm_mask: scores hold non-finite values (NaN or Inf)");
   bool* kp = keep.mutable_data_ptr<bool>();
   at::parallel_for(0, groups, 4096, [&](int64_t b, int64_t e) {
     for (int64_t g = b; g < e; ++g) select_group(sp + g * m, m, n, kp + g * m);
@@ -30,12 +31,13 @@ at::Tensor topk_mask_cpu(const at::Tensor& scores, double sparsity, bool per_row
   const float* sp = s.const_data_ptr<float>();
   bool* kp = keep.mutable_data_ptr<bool>();
   if (s.numel() == 0) return keep;
+  TORCH_CHECK_VALUE(all_finite(sp, s.numel()), "topk_mask: scores hold non-finite values (NaN or Inf)");
   const int64_t len = per_row ? s.size(-1) : s.numel();
   const int64_t rows = s.numel() / len;
   // Same arithmetic as the Python reference: int(sparsity * len) entries are pruned.
   const int64_t n_keep = len - static_cast<int64_t>(sparsity * static_cast<double>(len));
   at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-    std::vector<int64_t> order;
+    std::vector<float> order;
     for (int64_t r = b; r < e; ++r) select_top(sp + r * len, len, n_keep, kp + r * len, order);
   });
   return keep;

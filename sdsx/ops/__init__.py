@@ -48,6 +48,12 @@ def _native(op: str, t: torch.Tensor) -> bool:
     return _ext.has_kernel(op, t.device.type)
 
 
+def _call_native(op: str, *args):
+    # The kernels check finiteness in the pass that reads their inputs (a separate torch.isfinite
+    # pass costs more than the sweep's own bookkeeping) and raise ValueError like the wrappers.
+    return getattr(torch.ops.sdsx, op)(*args)
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask of the ``n`` largest scores in every group of ``m`` consecutive entries.
 
@@ -65,9 +71,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if scores.dim() < 1:
         raise ValueError("scores must have at least one dimension")
     _check_nm(n, m, scores.shape[-1])
-    _check_finite("scores", scores)
     if _native("nm_mask", scores):
-        return torch.ops.sdsx.nm_mask(scores, n, m)
+        return _call_native("nm_mask", scores, n, m)
+    _check_finite("scores", scores)
     return reference.nm_mask(scores, n, m)
 
 
@@ -85,9 +91,9 @@ def topk_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> to
     _check_sparsity(sparsity)
     if scores.dim() < 1:
         raise ValueError("scores must have at least one dimension")
-    _check_finite("scores", scores)
     if _native("topk_mask", scores):
-        return torch.ops.sdsx.topk_mask(scores, float(sparsity), bool(per_row))
+        return _call_native("topk_mask", scores, float(sparsity), bool(per_row))
+    _check_finite("scores", scores)
     return reference.topk_mask(scores, float(sparsity), bool(per_row))
 
 
@@ -127,14 +133,16 @@ def obs_sweep(
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if m:
         _check_nm(n, m, cols)
+        if m > 64:
+            raise ValueError(f"obs_sweep supports groups of up to m=64 columns, got m={m}")
         if blocksize % m:
             raise ValueError(f"blocksize ({blocksize}) must be a multiple of m ({m}) so that no group straddles two blocks")
     else:
         _check_sparsity(sparsity)
+    if _native("obs_sweep", W):
+        return _call_native("obs_sweep", W, U, float(sparsity), int(n), int(m), int(blocksize))
     _check_finite("W", W)
     _check_finite("U", U)
-    if _native("obs_sweep", W):
-        return torch.ops.sdsx.obs_sweep(W, U, float(sparsity), int(n), int(m), int(blocksize))
     return reference.obs_sweep(W, U, float(sparsity), int(n), int(m), int(blocksize))
 
 
@@ -165,5 +173,5 @@ def prox_step(
     if l1 < 0 or l2 < 0:
         raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}")
     if _native("prox_step", Y):
-        return torch.ops.sdsx.prox_step(Y, W_prev, G, float(step), float(l1), float(l2), float(momentum), mask)
+        return _call_native("prox_step", Y, W_prev, G, float(step), float(l1), float(l2), float(momentum), mask)
     return reference.prox_step(Y, W_prev, G, float(step), float(l1), float(l2), float(momentum), mask)

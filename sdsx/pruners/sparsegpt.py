@@ -47,6 +47,8 @@ def inverse_hessian_factor(
             Hinv = torch.cholesky_inverse(L)
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info2) == 0 and bool(torch.isfinite(U).all()):
+                # LAPACK hands back a column-major factor; the sweep reads rows of U.
+                U = U.contiguous()
                 if attempt:
                     log.warning("%s: Hessian not positive definite; damping raised to %.3g x mean(diag H)", name, damp)
                 return U, dead, damp

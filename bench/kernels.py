@@ -1,0 +1,157 @@
+"""Kernel benchmark: every sdsx op against its pure-PyTorch reference, side by side in one process.
+
+    python bench/kernels.py [--threads 1] [--shapes smollm2,opt125m,llama7b] [--json PATH] [--md PATH]
+
+Per op and weight shape (out x in) it reports the reference's and our median time, the speedup,
+whether the masks are identical, and for the OBS sweep its GFLOP/s next to a plain GEMM of the
+same size (W @ U, measured in the same run), which is the speed limit of the lazy block update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sdsx  # noqa: E402
+from sdsx import ops  # noqa: E402
+from sdsx.ops import reference as ref  # noqa: E402
+from sdsx.pruners import inverse_hessian_factor  # noqa: E402
+
+SHAPES = {
+    "smollm2": [(576, 576), (1536, 576), (576, 1536)],
+    "opt125m": [(768, 768), (3072, 768), (768, 3072)],
+    "llama7b": [(4096, 4096)],
+}
+
+
+def timeit(fn, repeats: int, warmup: int = 1) -> tuple[float, object]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, out
+
+
+def problem(rows: int, cols: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(max(2 * cols, 1024), cols, generator=g) * torch.rand(cols, generator=g).add(0.1)
+    H = X.t() @ X / X.shape[0]
+    U, _, _ = inverse_hessian_factor(H, 0.01)
+    return W, U
+
+
+def bench_shape(rows: int, cols: int, repeats: int, ref_repeats: int) -> list[dict]:
+    W, U = problem(rows, cols)
+    out = []
+    sweep_flops = rows * cols * cols  # r*c^2/2 multiply-adds of the compensation updates
+    gemm_ms, _ = timeit(lambda: W @ U, repeats)
+    gemm_gflops = 2 * rows * cols * cols / gemm_ms / 1e6
+    for label, (s, n, m) in {"obs_sweep 50%": (0.5, 0, 0), "obs_sweep 2:4": (0.0, 2, 4)}.items():
+        ref_ms, r = timeit(lambda: ref.obs_sweep(W, U, s, n, m, 128), ref_repeats, warmup=0)
+        ext_ms, e = timeit(lambda: ops.obs_sweep(W, U, s, n, m, 128), repeats)
+        out.append(
+            dict(
+                op=label, shape=f"{rows}x{cols}", ref_ms=ref_ms, ext_ms=ext_ms, speedup=ref_ms / ext_ms,
+                identical_masks=bool(torch.equal(r[1], e[1])),
+                max_weight_diff=float((r[0] - e[0]).abs().max()),
+                sweep_gflops=sweep_flops / ext_ms / 1e6, ref_sweep_gflops=sweep_flops / ref_ms / 1e6,
+                gemm_ms=gemm_ms, gemm_gflops=gemm_gflops,
+            )
+        )
+    scores = W.abs()
+    cases = {
+        "nm_mask 2:4": (lambda: ref.nm_mask(scores, 2, 4), lambda: ops.nm_mask(scores, 2, 4)),
+        "topk_mask row 50%": (lambda: ref.topk_mask(scores, 0.5, True), lambda: ops.topk_mask(scores, 0.5, True)),
+        "topk_mask matrix 50%": (lambda: ref.topk_mask(scores, 0.5, False), lambda: ops.topk_mask(scores, 0.5, False)),
+    }
+    Y, Wp, G = W, W * 0.9, W * 0.1
+    mask = scores > 0.5
+    cases["prox_step l1"] = (
+        lambda: ref.prox_step(Y, Wp, G, 0.1, 0.1, 0.1, 0.5, None)[0],
+        lambda: ops.prox_step(Y, Wp, G, 0.1, 0.1, 0.1, 0.5, None)[0],
+    )
+    cases["prox_step mask"] = (
+        lambda: ref.prox_step(Y, Wp, G, 0.1, 0.1, 0.1, 0.5, mask)[0],
+        lambda: ops.prox_step(Y, Wp, G, 0.1, 0.1, 0.1, 0.5, mask)[0],
+    )
+    for label, (fr, fe) in cases.items():
+        ref_ms, r = timeit(fr, repeats)
+        ext_ms, e = timeit(fe, repeats)
+        same = bool(torch.equal(r, e)) if r.dtype == torch.bool else bool(torch.allclose(r, e, atol=1e-6))
+        out.append(dict(op=label, shape=f"{rows}x{cols}", ref_ms=ref_ms, ext_ms=ext_ms, speedup=ref_ms / ext_ms, identical_masks=same))
+    return out
+
+
+def to_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Kernel benchmark: {meta['threads']} thread(s), torch {meta['torch']}, {meta['machine']}; "
+        "median ms; identical = same mask (bool ops) / same values within 1e-6 (prox_step).",
+        "",
+        "| op | shape (out x in) | reference ms | sdsx ms | speedup | identical | sweep GFLOP/s | GEMM GFLOP/s |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        gf = f"{r['sweep_gflops']:.1f}" if "sweep_gflops" in r else ""
+        gg = f"{r['gemm_gflops']:.1f}" if "gemm_gflops" in r else ""
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['ref_ms']:.2f} | {r['ext_ms']:.2f} | {r['speedup']:.2f}x | "
+            f"{'yes' if r['identical_masks'] else 'NO'} | {gf} | {gg} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shapes", default="smollm2,opt125m,llama7b", help=f"comma list of {sorted(SHAPES)}")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--md", type=Path, default=None, help="write the markdown table here")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    info = sdsx.backend_info()
+    if not info["extension_loaded"]:
+        print(f"error: the sdsx extension is not loaded ({info['extension_error']}); nothing to compare", file=sys.stderr)
+        return 2
+    meta = dict(threads=args.threads, torch=torch.__version__, machine=platform.machine(), backend=info)
+    results = []
+    for group in args.shapes.split(","):
+        if group not in SHAPES:
+            p.error(f"unknown shape set {group!r}; choose from {sorted(SHAPES)}")
+        for rows, cols in SHAPES[group]:
+            big = rows * cols > 4_000_000
+            res = bench_shape(rows, cols, repeats=1 if big else args.repeats, ref_repeats=1 if big else max(1, args.repeats // 2))
+            for r in res:
+                r["set"] = group
+                print(f"{r['op']:>22} {r['shape']:>10}: ref {r['ref_ms']:9.2f} ms  sdsx {r['ext_ms']:9.2f} ms  {r['speedup']:6.2f}x", flush=True)
+            results.extend(res)
+    md = to_markdown(results, meta)
+    print()
+    print(md)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(md)
+    bad = [r for r in results if not r["identical_masks"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
