@@ -19,12 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import sdsx  # noqa: E402
-from sdsx import ops  # noqa: E402
-from sdsx.ops import reference as ref  # noqa: E402
-from sdsx.pruners import inverse_hessian_factor  # noqa: E402
+import sdsx
+from sdsx import ops
+from sdsx.ops import reference as ref
+from sdsx.pruners import inverse_hessian_factor
 
 SHAPES = {
     "smollm2": [(576, 576), (1536, 576), (576, 1536)],
