@@ -1,0 +1,260 @@
+"""``sdsx.sds_prune``: Sparse-Dense-Sparse on a whole model, on top of the block-sequential driver.
+
+Schedules:
+  "interleaved" (default): S, D, S and the adjustment for one block, then the finished block is
+      re-run to make the next block's inputs: one calibration pass, like the base pruner.
+  "phased": the paper's order, a full calibration pass per phase: prune every block; re-dense every
+      block (inputs from the pruned model); prune again and adjust (inputs from the re-dense model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from sdsx.api import PruneReport, report_from, run_driver, validate
+from sdsx.model.blocks import find_blocks, find_linears, get_weight
+from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error
+from sdsx.pruners.sds import (
+    PRUNERS,
+    SDSOptions,
+    _one_shot,
+    adjust,
+    damped,
+    redense,
+    regularizer_scale,
+    sds_layer,
+)
+
+log = logging.getLogger("sdsx")
+
+SCHEDULES = ("interleaved", "phased")
+PHASES = ("dense", "sparse", "redense", "final")
+
+
+@dataclass
+class SDSReport(PruneReport):
+    """A :class:`PruneReport` plus, per layer, the calibration error after each phase and whether
+    phase 1's weights were kept; the number of calibration passes; and histograms (counts over
+    shared bin edges) of one layer's weights after each phase."""
+
+    schedule: str = "interleaved"
+    passes: int = 1
+    phase_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    kept_phase1: list[str] = field(default_factory=list)
+    histogram_layer: str | None = None
+    histograms: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def improved_layers(self) -> int:
+        """Layers whose final error is below phase 1's."""
+        return sum(1 for e in self.phase_errors.values() if e.get("final", float("inf")) < e.get("sparse", float("-inf")))
+
+    def to_markdown(self, per_layer: bool = True) -> str:
+        head = super().to_markdown(per_layer=False)
+        lines = [
+            head,
+            "",
+            f"schedule {self.schedule}, {self.passes} calibration pass(es); final error below phase 1's on "
+            f"{self.improved_layers} of {len(self.phase_errors)} layers; phase 1 kept on {len(self.kept_phase1)}",
+        ]
+        if per_layer and self.phase_errors:
+            phases = [p for p in ("sparse", "dense", "sparse2", "adjust", "final") if any(p in e for e in self.phase_errors.values())]
+            lines += ["", "| layer | " + " | ".join(phases) + " | kept phase 1 |", "|---|" + "---:|" * len(phases) + "---|"]
+            for name, errs in self.phase_errors.items():
+                cells = " | ".join(f"{errs[p]:.4g}" if p in errs else "" for p in phases)
+                lines.append(f"| {name} | {cells} | {'yes' if name in self.kept_phase1 else ''} |")
+        return "\n".join(lines)
+
+
+def _histograms(snaps: dict[str, torch.Tensor], bins: int = 201) -> dict[str, Any]:
+    lim = float(max(s.abs().max() for s in snaps.values())) or 1.0
+    edges = torch.linspace(-lim, lim, bins + 1)
+    return {
+        "edges": edges.tolist(),
+        "counts": {k: torch.histc(v.float().flatten(), bins=bins, min=-lim, max=lim).long().tolist() for k, v in snaps.items()},
+    }
+
+
+def detect_pattern(weight: torch.Tensor, threshold: float = 0.25) -> str | None:
+    """The sparsity pattern a weight already has: "n:m" when every group of m along the inputs holds
+    at least m - n zeros (for the common patterns), "unstructured" when at least ``threshold`` of it
+    is exactly zero, else None (dense)."""
+    zeros = weight == 0
+    frac = float(zeros.float().mean())
+    if frac < threshold:
+        return None
+    for n, m in ((1, 4), (2, 4), (4, 8), (2, 8)):
+        if weight.shape[1] % m == 0 and bool((zeros.reshape(weight.shape[0], -1, m).sum(-1) >= m - n).all()):
+            return f"{n}:{m}"
+    return "unstructured"
+
+
+def _check_not_sparse(model: nn.Module, spec: SparsitySpec) -> None:
+    blocks, path = find_blocks(model)
+    for index, block in enumerate(blocks):
+        for name, module in find_linears(block, prefix=f"{path}.{index}").items():
+            W = get_weight(module)
+            found = detect_pattern(W)
+            if found is None:
+                continue
+            wanted = str(spec) if spec.is_nm else "unstructured"
+            same = found == wanted or (wanted == "unstructured" and abs(float((W == 0).float().mean()) - spec.sparsity) < 0.02)
+            if not same:
+                raise ValueError(
+                    f"the model is already sparse: {name} is {found} ({float((W == 0).float().mean()):.1%} zeros), "
+                    f"but {spec} was requested; SDS needs the dense model (its weights are the targets): load it again"
+                )
+
+
+def sds_prune(
+    model: nn.Module,
+    calib: torch.Tensor | Sequence[torch.Tensor],
+    sparsity: SparsitySpec | str | float = "2:4",
+    pruner: str = "sparsegpt",
+    *,
+    schedule: str = "interleaved",
+    options: SDSOptions | None = None,
+    early_exit_params: float = 3e9,
+    histogram_layer: str | None = None,
+    device: torch.device | str | None = None,
+    offload: bool = True,
+    progress: bool = True,
+    batch_size: int = 1,
+    **overrides: Any,
+) -> SDSReport:
+    """Prune ``model`` in place with Sparse-Dense-Sparse.
+
+    Args:
+        model: a Hugging Face causal LM (see :func:`sdsx.prune`).
+        calib: calibration token ids (nsamples, seqlen), see :func:`sdsx.calibration`.
+        sparsity: "2:4", "4:8", or a fraction in [0, 1).
+        pruner: the one-shot pruner of phases 1 and 3: "sparsegpt" or "wanda".
+        schedule: "interleaved" (one calibration pass) or "phased" (the paper's, one pass a phase).
+        options: an :class:`~sdsx.pruners.sds.SDSOptions`; keyword ``overrides`` replace its fields
+            (e.g. ``l1=0.05, dense_iters=40, adjust=False``).
+        early_exit_params: skip the weight adjustment for models with more parameters than this
+            (the paper's early exit above ~3B); ``float("inf")`` never skips.
+        histogram_layer: the linear (qualified name) whose weights are histogrammed after each
+            phase; default the first block's first linear.
+        device, offload, progress, batch_size: as for :func:`sdsx.prune`.
+    Returns:
+        An :class:`SDSReport`.
+    """
+    start = time.perf_counter()
+    if not isinstance(pruner, str) or pruner.lower() not in PRUNERS:
+        raise ValueError(f"unknown SDS pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    base = options or SDSOptions()
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(SDSOptions)}
+    if unknown:
+        raise TypeError(f"unknown SDS option(s) {sorted(unknown)}; see sdsx.pruners.sds.SDSOptions")
+    opts = dataclasses.replace(base, pruner=pruner.lower(), **overrides).validate()
+    nparams = sum(p.numel() for p in model.parameters())
+    if opts.adjust and nparams > early_exit_params:
+        log.info("SDS: %.2fB parameters > early exit threshold: weight adjustment skipped", nparams / 1e9)
+        opts = dataclasses.replace(opts, adjust=False)
+    spec = SparsitySpec.parse(sparsity)
+    plan = validate(model, calib, spec, need_calib=True, batch_size=batch_size)
+    _check_not_sparse(model, spec)
+    if histogram_layer is None:
+        blocks, path = find_blocks(model)
+        histogram_layer = next(iter(find_linears(blocks[0], prefix=f"{path}.0")))
+
+    phase_errors: dict[str, dict[str, float]] = {}
+    kept: list[str] = []
+    snaps: dict[str, torch.Tensor] = {}
+    common = dict(device=device, offload=offload, progress=progress, batch_size=batch_size)
+
+    if schedule == "interleaved":
+
+        def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
+            res = sds_layer(W, H, spec, opts, name=name, keep_weights=name == histogram_layer)
+            res.errors["final"] = res.result.loss
+            phase_errors[name] = res.errors
+            if res.kept_phase1:
+                kept.append(name)
+            if res.weights:
+                snaps.update({k: v for k, v in res.weights.items() if k in PHASES})
+            return res.result
+
+        result = run_driver(model, plan, layer_fn, "full", desc=f"sds-{opts.pruner} {spec}", **common)
+        passes = 1
+    else:
+        result, passes = _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps, common)
+
+    report = report_from(result, f"sds-{opts.pruner}", spec, dict(opts.to_dict(), schedule=schedule))
+    report = SDSReport(**vars(report), schedule=schedule, passes=passes, phase_errors=phase_errors, kept_phase1=kept)
+    report.histogram_layer = histogram_layer
+    if snaps:
+        report.histograms = _histograms(snaps)
+    report.total_s = time.perf_counter() - start
+    log.info(
+        "sds-%s %s: %.1fs, final error below phase 1's on %d of %d layers",
+        opts.pruner, spec, report.total_s, report.improved_layers, len(phase_errors),
+    )
+    return report
+
+
+def _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps, common):
+    """The paper's schedule: three calibration passes; the dense weights are kept on CPU meanwhile."""
+    dense: dict[str, torch.Tensor] = {}
+    first: dict[str, PruneResult] = {}
+
+    def sparse_fn(name, W, H):
+        dense[name] = W.detach().to("cpu", copy=True)
+        res = _one_shot(opts.pruner, W, H, spec, opts, name)
+        first[name] = PruneResult(res.weight.to("cpu", copy=True), res.mask.cpu(), res.loss)
+        phase_errors[name] = {"sparse": res.loss}
+        if name == histogram_layer:
+            snaps.update(dense=dense[name].float(), sparse=res.weight.float().cpu())
+        return res
+
+    r1 = run_driver(model, plan, sparse_fn, "full", desc=f"sds 1/3 sparse {spec}", **common)
+    if opts.redense:
+
+        def dense_fn(name, W, H):
+            Wd = dense[name].to(W.device).float()
+            l1_abs, l2_abs = regularizer_scale(Wd, H, opts.l1, opts.l2)
+            new = redense(W, Wd, damped(H, opts.damp), l1_abs, l2_abs, opts.dense_iters)
+            phase_errors[name]["dense"] = reconstruction_error(Wd, new, H)
+            if name == histogram_layer:
+                snaps["redense"] = new.cpu().clone()
+            return PruneResult(new.to(W.dtype), torch.ones_like(new, dtype=torch.bool), phase_errors[name]["dense"])
+
+        r2 = run_driver(model, plan, dense_fn, "full", desc=f"sds 2/3 dense {spec}", **common)
+
+    def final_fn(name, W, H):
+        Wd = dense[name].to(W.device).float()
+        s2 = _one_shot(opts.pruner, W, H, spec, opts, name) if opts.redense else PruneResult(W, W != 0, 0.0)
+        new, mask = s2.weight.float(), s2.mask
+        phase_errors[name]["sparse2"] = reconstruction_error(Wd, new, H)
+        if opts.adjust:
+            new, mask = adjust(new, Wd, damped(H, opts.damp), spec, opts.adjust_iters, opts.reselect)
+            phase_errors[name]["adjust"] = reconstruction_error(Wd, new, H)
+        err = reconstruction_error(Wd, new, H)
+        # phase 1's error was measured on other inputs; compare both on this pass's H
+        err1 = reconstruction_error(Wd, first[name].weight.to(W.device), H)
+        if opts.keep_better and err > err1:
+            kept.append(name)
+            new, mask, err = first[name].weight.to(W.device), first[name].mask.to(W.device), err1
+        phase_errors[name]["final"] = err
+        if name == histogram_layer:
+            snaps["final"] = new.float().cpu().clone()
+        return PruneResult(new.to(W.dtype), mask, err)
+
+    r3 = run_driver(model, plan, final_fn, "full", desc=f"sds 3/3 sparse {spec}", **common)
+    passes = 3 if opts.redense else 2
+    # one record per layer (the last pass's), timings summed over the passes
+    for earlier in (r1, r2) if opts.redense else (r1,):
+        r3.forward_s += earlier.forward_s
+        r3.stats_s += earlier.stats_s
+        r3.solver_s += earlier.solver_s
+    return r3, passes
