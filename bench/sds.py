@@ -1,0 +1,220 @@
+"""SDS against its base pruner on SmolLM2-135M, side by side in one run.
+
+    python bench/sds.py [--patterns 2:4,0.5] [--pruners sparsegpt,wanda] [--nsamples 32 --seqlen 512]
+                        [--max-windows 64] [--set l1=0.1 --set dense_iters=20 ...] [--variants ...]
+                        [--json bench/results/sds.json] [--md bench/results/sds.md]
+
+For every pruner x pattern it prunes a fresh copy of the model with the base pruner and with SDS
+(same calibration), and reports WikiText-2 test perplexity (512-token windows) and wall time.
+`--variants` adds ablations: named option sets, e.g. `nodense:redense=False` or
+`l1x4:l1=0.4`. `--ops` also times prox_step against its reference and the Gram path of the
+re-dense phase against the token path on one SmolLM2 layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import sdsx
+from sdsx.pruners.sds import SDSOptions, objective, redense, redense_tokens, regularizer_scale
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, val = item.partition("=")
+        out[key.strip()] = _value(val.strip())
+    return out
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    return name, parse_sets([s for s in rest.split(",") if s])
+
+
+def ops_bench(model, calib, threads: int) -> dict:
+    """prox_step vs reference, and Gram vs token re-dense on the first MLP down projection."""
+    from sdsx import ops
+    from sdsx.ops import reference as ref
+
+    layer = model.model.layers[0].mlp.down_proj
+    captured = []
+    h = layer.register_forward_hook(lambda m, i, o: captured.append(i[0].detach().reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        model(calib[: min(8, len(calib))])
+    h.remove()
+    X = torch.cat(captured).float()
+    W_d = layer.weight.detach().float()
+    H = X.t() @ X / X.shape[0]
+    start = W_d * ops.nm_mask(W_d.abs(), 2, 4)
+    l1a, l2a = regularizer_scale(W_d, H, 0.1, 0.1)
+    out: dict = {"layer": "model.layers.0.mlp.down_proj", "shape": list(W_d.shape), "tokens": X.shape[0]}
+
+    def timed(fn, reps=3):
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            res = fn()
+            best = min(best, time.perf_counter() - t0)
+        return best * 1e3, res
+
+    Y, Wp, G = W_d.clone(), W_d * 0.9, W_d * 0.01
+    out["prox_step_ref_ms"], _ = timed(lambda: ref.prox_step(Y, Wp, G, 0.1, 0.01, 0.01, 0.5, None))
+    out["prox_step_ms"], _ = timed(lambda: ops.prox_step(Y, Wp, G, 0.1, 0.01, 0.01, 0.5, None))
+    out["prox_step_speedup"] = out["prox_step_ref_ms"] / out["prox_step_ms"]
+    iters = 20
+    out["gram_ms"], Wg = timed(lambda: redense(start, W_d, H, l1a, l2a, iters), 1)
+    out["gram_objective"] = objective(Wg, W_d, H, l1a, l2a)
+    # the token path: same objective, same iterations (first), then as many as it needs to reach it
+    out["token_ms"], Wt = timed(lambda: redense_tokens(start, W_d, X, l1a, l2a, iters), 1)
+    out["token_objective"] = objective(Wt, W_d, H, l1a, l2a)
+    out["token_vs_gram_time"] = out["token_ms"] / out["gram_ms"]
+    out["start_objective"] = objective(start, W_d, H, l1a, l2a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--patterns", default="2:4,0.5")
+    p.add_argument("--pruners", default="sparsegpt,wanda")
+    p.add_argument("--calib", default=str(DATA / "calib" / "sotu_1990_2021.txt"))
+    p.add_argument("--wikitext", default=str(DATA / "wikitext2" / "wiki.test.raw"))
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=64, help="WikiText-2 windows evaluated (64 x 512 = 32k tokens)")
+    p.add_argument("--schedule", default="interleaved")
+    p.add_argument("--set", action="append", default=[], help="SDS option override, e.g. --set l1=0.05")
+    p.add_argument("--variants", default="", help="extra SDS option sets: name:key=val,key=val;name2:...")
+    p.add_argument("--no-base", action="store_true", help="skip the base pruners (ablations only)")
+    p.add_argument("--no-sds", action="store_true")
+    p.add_argument("--dense", action="store_true", help="also evaluate the dense model")
+    p.add_argument("--ops", action="store_true", help="also run the prox_step / Gram-vs-token measurements")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "sds.json")
+    p.add_argument("--md", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from sdsx.data import calibration, load_text
+    from sdsx.model.smollm2 import load_smollm2
+
+    model, tok = load_smollm2()
+    calib = calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    text = load_text(args.wikitext)
+    from sdsx.data.calibration import encode
+
+    eval_ids = encode(tok, text)
+    base_opts = parse_sets(args.set)
+    variants = [("sds", base_opts)] + [
+        (name, {**base_opts, **opts}) for name, opts in (parse_variant(v) for v in args.variants.split(";") if v)
+    ]
+    meta = dict(
+        model="SmolLM2-135M", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        eval="WikiText-2 test", eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
+        eval_tokens=min(args.max_windows or 10**9, eval_ids.numel() // args.eval_seqlen) * args.eval_seqlen,
+        threads=args.threads, torch=torch.__version__, machine=platform.machine(), schedule=args.schedule,
+        defaults=SDSOptions().to_dict(),
+    )
+    rows: list[dict] = []
+
+    def save():
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+
+    def ppl(m):
+        return sdsx.perplexity(m, eval_ids, seqlen=args.eval_seqlen, max_windows=args.max_windows, progress=False)
+
+    if args.ops:
+        meta["ops"] = ops_bench(model, calib, args.threads)
+        print(json.dumps(meta["ops"], indent=2), flush=True)
+        save()
+    if args.dense:
+        rows.append(dict(method="dense", pattern="-", ppl=ppl(model), seconds=0.0))
+        print(rows[-1], flush=True)
+        save()
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    for pattern in args.patterns.split(","):
+        pattern = pattern.strip()
+        spec = float(pattern) if pattern.replace(".", "").isdigit() else pattern
+        for pruner in args.pruners.split(","):
+            if not args.no_base:
+                model.load_state_dict(fresh)
+                t0 = time.perf_counter()
+                rep = sdsx.prune(model, calib, pruner, spec, progress=False)
+                rows.append(dict(method=pruner, pattern=pattern, ppl=ppl(model), seconds=time.perf_counter() - t0,
+                                 forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error))
+                print(rows[-1], flush=True)
+                save()
+            if args.no_sds:
+                continue
+            for name, opts in variants:
+                model.load_state_dict(fresh)
+                t0 = time.perf_counter()
+                rep = sdsx.sds_prune(model, calib, spec, pruner, schedule=args.schedule, progress=False, **opts)
+                rows.append(dict(method=f"{name}-{pruner}", pattern=pattern, options=opts, ppl=ppl(model),
+                                 seconds=time.perf_counter() - t0, forward_s=rep.forward_s, stats_s=rep.stats_s,
+                                 solver_s=rep.solver_s, error=rep.total_error, improved_layers=rep.improved_layers,
+                                 kept_phase1=len(rep.kept_phase1), layers=len(rep.phase_errors), passes=rep.passes))
+                print({k: v for k, v in rows[-1].items()}, flush=True)
+                save()
+    md = to_markdown(meta, rows)
+    print(md)
+    if args.md:
+        args.md.write_text(md)
+    return 0
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"SmolLM2-135M, calibration {meta['nsamples']} x {meta['seqlen']} tokens ({Path(meta['calib']).name}), "
+        f"perplexity on {meta['eval']} ({meta['eval_tokens']:,} tokens in {meta['eval_seqlen']}-token windows), "
+        f"{meta['threads']} thread(s), schedule {meta['schedule']}",
+        "",
+        "| method | pattern | options | perplexity | wall s | vs base time | calib error | layers improved |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    base = {(r["method"], r["pattern"]): r for r in rows}
+    for r in rows:
+        pruner = r["method"].split("-", 1)[-1]
+        b = base.get((pruner, r["pattern"]))
+        ratio = f"{r['seconds'] / b['seconds']:.2f}x" if b and b is not r and b["seconds"] else ""
+        opts = ",".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
+        imp = f"{r['improved_layers']}/{r['layers']}" if "improved_layers" in r else ""
+        err = f"{r['error']:.4g}" if r.get("error") is not None else ""
+        lines.append(f"| {r['method']} | {r['pattern']} | {opts} | {r['ppl']:.2f} | {r['seconds']:.0f} | {ratio} | {err} | {imp} |")
+    if "ops" in meta:
+        o = meta["ops"]
+        lines += [
+            "",
+            f"prox_step on {o['layer']} {o['shape']}: reference {o['prox_step_ref_ms']:.2f} ms, sdsx {o['prox_step_ms']:.2f} ms "
+            f"({o['prox_step_speedup']:.2f}x). Re-dense, 20 iterations on {o['tokens']} tokens: Gram path {o['gram_ms']:.0f} ms "
+            f"(objective {o['gram_objective']:.4g}), token path {o['token_ms']:.0f} ms (objective {o['token_objective']:.4g}), "
+            f"{o['token_vs_gram_time']:.1f}x the Gram path's time; start objective {o['start_objective']:.4g}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
