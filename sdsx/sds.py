@@ -24,9 +24,9 @@ from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error
 from sdsx.pruners.sds import (
     PRUNERS,
     SDSOptions,
+    SharedH,
     _one_shot,
     adjust,
-    damped,
     redense,
     regularizer_scale,
     sds_layer,
@@ -174,9 +174,10 @@ def sds_prune(
     common = dict(device=device, offload=offload, progress=progress, batch_size=batch_size)
 
     if schedule == "interleaved":
+        shared = SharedH(opts)
 
         def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
-            res = sds_layer(W, H, spec, opts, name=name, keep_weights=name == histogram_layer)
+            res = sds_layer(W, H, spec, opts, name=name, keep_weights=name == histogram_layer, shared=shared)
             res.errors["final"] = res.result.loss
             phase_errors[name] = res.errors
             if res.kept_phase1:
@@ -207,10 +208,11 @@ def _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps,
     """The paper's schedule: three calibration passes; the dense weights are kept on CPU meanwhile."""
     dense: dict[str, torch.Tensor] = {}
     first: dict[str, PruneResult] = {}
+    shared = SharedH(opts)
 
     def sparse_fn(name, W, H):
         dense[name] = W.detach().to("cpu", copy=True)
-        res = _one_shot(opts.pruner, W, H, spec, opts, name)
+        res = _one_shot(opts.pruner, W, H, spec, opts, name, shared(H).factor)
         first[name] = PruneResult(res.weight.to("cpu", copy=True), res.mask.cpu(), res.loss)
         phase_errors[name] = {"sparse": res.loss}
         if name == histogram_layer:
@@ -223,7 +225,8 @@ def _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps,
         def dense_fn(name, W, H):
             Wd = dense[name].to(W.device).float()
             l1_abs, l2_abs = regularizer_scale(Wd, H, opts.l1, opts.l2)
-            new = redense(W, Wd, damped(H, opts.damp), l1_abs, l2_abs, opts.dense_iters)
+            sh = shared(H)
+            new = redense(W, Wd, sh.Hd, l1_abs, l2_abs, opts.dense_iters, sh.lam)
             phase_errors[name]["dense"] = reconstruction_error(Wd, new, H)
             if name == histogram_layer:
                 snaps["redense"] = new.cpu().clone()
@@ -233,11 +236,12 @@ def _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps,
 
     def final_fn(name, W, H):
         Wd = dense[name].to(W.device).float()
-        s2 = _one_shot(opts.pruner, W, H, spec, opts, name) if opts.redense else PruneResult(W, W != 0, 0.0)
+        sh = shared(H)
+        s2 = _one_shot(opts.pruner, W, H, spec, opts, name, sh.factor) if opts.redense else PruneResult(W, W != 0, 0.0)
         new, mask = s2.weight.float(), s2.mask
         phase_errors[name]["sparse2"] = reconstruction_error(Wd, new, H)
         if opts.adjust:
-            new, mask = adjust(new, Wd, damped(H, opts.damp), spec, opts.adjust_iters, opts.reselect)
+            new, mask = adjust(new, Wd, sh.Hd, spec, opts.adjust_iters, opts.reselect, sh.lam)
             phase_errors[name]["adjust"] = reconstruction_error(Wd, new, H)
         err = reconstruction_error(Wd, new, H)
         # phase 1's error was measured on other inputs; compare both on this pass's H

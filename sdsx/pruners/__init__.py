@@ -2,11 +2,12 @@
 
 from sdsx.pruners.base import PruneResult, reconstruction_error
 from sdsx.pruners.magnitude import magnitude, select_mask
-from sdsx.pruners.sparsegpt import inverse_hessian_factor, sparsegpt
+from sdsx.pruners.sparsegpt import FactorCache, inverse_hessian_factor, sparsegpt
 from sdsx.pruners.spec import SparsitySpec
 from sdsx.pruners.wanda import wanda
 
 __all__ = [
+    "FactorCache",
     "PruneResult",
     "SparsitySpec",
     "inverse_hessian_factor",

@@ -28,7 +28,7 @@ import torch
 from sdsx import ops
 from sdsx.pruners.base import PruneResult, reconstruction_error
 from sdsx.pruners.magnitude import magnitude, select_mask
-from sdsx.pruners.sparsegpt import sparsegpt
+from sdsx.pruners.sparsegpt import FactorCache, sparsegpt
 from sdsx.pruners.spec import SparsitySpec
 from sdsx.pruners.wanda import wanda
 
@@ -93,9 +93,9 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     return Hd
 
 
-def lipschitz(H: torch.Tensor, l2_abs: float = 0.0, iters: int = 30) -> float:
-    """Upper estimate of the gradient's Lipschitz constant 2 (lambda_max(H) + l2_abs), by power
-    iteration (a few matrix-vector products instead of an eigendecomposition), with 2% margin."""
+def lambda_max(H: torch.Tensor, iters: int = 30) -> float:
+    """Largest eigenvalue of the PSD matrix H by power iteration (a few matrix-vector products
+    instead of an eigendecomposition)."""
     v = torch.ones(H.shape[0], dtype=H.dtype, device=H.device) / math.sqrt(H.shape[0])
     lam = 0.0
     for _ in range(iters):
@@ -104,7 +104,33 @@ def lipschitz(H: torch.Tensor, l2_abs: float = 0.0, iters: int = 30) -> float:
         if lam == 0:
             break
         v = w / lam
+    return lam
+
+
+def lipschitz(H: torch.Tensor, l2_abs: float = 0.0, lam: float | None = None) -> float:
+    """Upper estimate of the gradient's Lipschitz constant 2 (lambda_max(H) + l2_abs), with a 2%
+    margin on the power iteration's estimate (which approaches lambda_max from below)."""
+    lam = lambda_max(H) if lam is None else lam
     return 2.0 * (lam * 1.02 + l2_abs)
+
+
+class SharedH:
+    """What the linears that read one input (q/k/v, gate/up) share in SDS, computed once per H:
+    SparseGPT's inverse-Hessian factor, the damped H and its largest eigenvalue."""
+
+    def __init__(self, opts: "SDSOptions") -> None:
+        self.opts = opts
+        self.factor = FactorCache(opts.percdamp)
+        self._H: torch.Tensor | None = None
+        self.Hd: torch.Tensor | None = None
+        self.lam = 0.0
+
+    def __call__(self, H: torch.Tensor) -> "SharedH":
+        if self._H is not H:
+            self._H = H
+            self.Hd = damped(H, self.opts.damp)
+            self.lam = lambda_max(self.Hd)
+        return self
 
 
 def objective(W: torch.Tensor, W_d: torch.Tensor, H: torch.Tensor, l1_abs: float = 0.0, l2_abs: float = 0.0) -> float:
@@ -121,7 +147,13 @@ def regularizer_scale(W_d: torch.Tensor, H: torch.Tensor, l1: float, l2: float) 
 
 
 def redense(
-    W_start: torch.Tensor, W_d: torch.Tensor, H: torch.Tensor, l1_abs: float, l2_abs: float, iters: int
+    W_start: torch.Tensor,
+    W_d: torch.Tensor,
+    H: torch.Tensor,
+    l1_abs: float,
+    l2_abs: float,
+    iters: int,
+    lam: float | None = None,
 ) -> torch.Tensor:
     """Phase 2: FISTA on f(W) from W_start; every weight is trainable again.
 
@@ -130,7 +162,7 @@ def redense(
     if iters < 1:
         raise ValueError("iters must be >= 1")
     W_d = W_d.float()
-    step = 1.0 / lipschitz(H, l2_abs)
+    step = 1.0 / lipschitz(H, l2_abs, lam)
     W = W_start.float().clone()
     Y = W.clone()
     t = 1.0
@@ -143,13 +175,19 @@ def redense(
 
 
 def adjust(
-    W_start: torch.Tensor, W_d: torch.Tensor, H: torch.Tensor, spec: SparsitySpec, iters: int, reselect: bool = True
+    W_start: torch.Tensor,
+    W_d: torch.Tensor,
+    H: torch.Tensor,
+    spec: SparsitySpec,
+    iters: int,
+    reselect: bool = True,
+    lam: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 3's weight adjustment: projected gradient on tr((W - W_d) H (W - W_d)^T) over W with
     the sparsity pattern, the mask re-selected by magnitude at every iteration (through nm_mask /
     topk_mask) or kept fixed. Returns (weights, mask)."""
     W_d = W_d.float()
-    step = 1.0 / lipschitz(H)
+    step = 1.0 / lipschitz(H, 0.0, lam)
     W = W_start.float().clone()
     mask = W != 0
     for _ in range(iters):
@@ -161,9 +199,18 @@ def adjust(
     return W, mask
 
 
-def _one_shot(pruner: str, W: torch.Tensor, H: torch.Tensor, spec: SparsitySpec, opts: SDSOptions, name: str) -> PruneResult:
+def _one_shot(
+    pruner: str,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: SparsitySpec,
+    opts: SDSOptions,
+    name: str,
+    factor: FactorCache | None = None,
+) -> PruneResult:
     if pruner == "sparsegpt":
-        return sparsegpt(W, H, spec, blocksize=opts.blocksize, percdamp=opts.percdamp, name=name)
+        f = factor(H, name) if factor is not None else None
+        return sparsegpt(W, H, spec, blocksize=opts.blocksize, percdamp=opts.percdamp, name=name, factor=f)
     if pruner == "wanda":
         return wanda(W, H.diagonal(), spec, hessian=H)
     if pruner == "magnitude":
@@ -188,18 +235,24 @@ def sds_layer(
     opts: SDSOptions = SDSOptions(),
     name: str = "layer",
     keep_weights: bool = False,
+    shared: SharedH | None = None,
 ) -> SDSLayerResult:
-    """Sparse -> dense -> sparse for one linear layer (weight (out, in), H = X X^T / T)."""
+    """Sparse -> dense -> sparse for one linear layer (weight (out, in), H = X X^T / T).
+
+    ``shared`` carries what linears with the same H share (pass one :class:`SharedH` for a whole
+    run); without it everything is computed for this layer alone.
+    """
     spec = SparsitySpec.parse(spec)
     opts.validate()
     dtype = W_d.dtype
     Wd = W_d.float()
     H = H.to(Wd.device).float()
-    Hd = damped(H, opts.damp)
+    sh = (shared or SharedH(opts))(H)
+    Hd = sh.Hd
     errors: dict[str, float] = {}
     snaps: dict[str, torch.Tensor] = {}
 
-    s1 = _one_shot(opts.pruner, Wd, H, spec, opts, name)
+    s1 = _one_shot(opts.pruner, Wd, H, spec, opts, name, sh.factor)
     errors["sparse"] = s1.loss
     if keep_weights:
         snaps["dense"] = Wd.cpu().clone()
@@ -207,16 +260,16 @@ def sds_layer(
     current = s1.weight
     if opts.redense:
         l1_abs, l2_abs = regularizer_scale(Wd, H, opts.l1, opts.l2)
-        current = redense(s1.weight, Wd, Hd, l1_abs, l2_abs, opts.dense_iters)
+        current = redense(s1.weight, Wd, Hd, l1_abs, l2_abs, opts.dense_iters, sh.lam)
         errors["dense"] = reconstruction_error(Wd, current, H)
         if keep_weights:
             snaps["redense"] = current.cpu().clone()
-    s2 = _one_shot(opts.pruner, current, H, spec, opts, name) if opts.redense else s1
+    s2 = _one_shot(opts.pruner, current, H, spec, opts, name, sh.factor) if opts.redense else s1
     # phase 3's pruner compensates towards the re-dense weights; report the error to the dense ones
     final_w, final_mask = s2.weight, s2.mask
     errors["sparse2"] = reconstruction_error(Wd, final_w, H)
     if opts.adjust:
-        final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect)
+        final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam)
         errors["adjust"] = reconstruction_error(Wd, final_w, H)
     final_err = reconstruction_error(Wd, final_w, H)
     kept = False

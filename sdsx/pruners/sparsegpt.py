@@ -59,6 +59,24 @@ def inverse_hessian_factor(
     )
 
 
+class FactorCache:
+    """Reuses the inverse-Hessian factor for linears that share one H (q/k/v, gate/up): the
+    driver hands them the same tensor, and the factor depends only on H. Keyed by identity (the
+    cache holds H, so its address cannot be reused by another tensor meanwhile)."""
+
+    def __init__(self, percdamp: float = 0.01) -> None:
+        self.percdamp = percdamp
+        self._H: torch.Tensor | None = None
+        self._factor: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    def __call__(self, H: torch.Tensor, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, float]:
+        if self._H is not H:
+            self._factor = inverse_hessian_factor(H, self.percdamp, name=name)
+            self._H = H
+        assert self._factor is not None
+        return self._factor
+
+
 def sparsegpt(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -66,24 +84,30 @@ def sparsegpt(
     blocksize: int = 128,
     percdamp: float = 0.01,
     name: str = "layer",
+    factor: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    report_error: bool = True,
 ) -> PruneResult:
     """Prune ``weight`` (out, in) with SparseGPT using H = X X^T / T (in, in).
 
-    The returned loss is the true error tr(D H D^T) on the undamped H (the sweep's own estimate
-    is on the damped H and is an upper bound of it).
+    Args:
+        factor: a precomputed :func:`inverse_hessian_factor` of ``hessian`` (see
+            :class:`FactorCache`); computed here when None.
+        report_error: compute the returned loss, the true error tr(D H D^T) on the undamped H
+            (the sweep's own estimate is on the damped H and bounds it from above); NaN when False.
     """
     spec = SparsitySpec.parse(spec)
     if hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"hessian must be ({weight.shape[1]}, {weight.shape[1]}), got {tuple(hessian.shape)}")
     H = hessian.to(weight.device)
-    U, dead, _ = inverse_hessian_factor(H, percdamp, name=name)
+    U, dead, _ = factor if factor is not None else inverse_hessian_factor(H, percdamp, name=name)
     W = weight
     if bool(dead.any()):
         W = weight.clone()
         W[:, dead] = 0
     if spec.is_nm:
+        # groups must not straddle two lazy-update blocks
         bs = blocksize - blocksize % spec.m or spec.m
         new, mask, _ = ops.obs_sweep(W, U, 0.0, spec.n, spec.m, bs)
     else:
         new, mask, _ = ops.obs_sweep(W, U, spec.sparsity, 0, 0, blocksize)
-    return PruneResult(new, mask, reconstruction_error(weight, new, H))
+    return PruneResult(new, mask, reconstruction_error(weight, new, H) if report_error else float("nan"))
