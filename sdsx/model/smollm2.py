@@ -67,7 +67,14 @@ def _convert(gguf: Path, target: Path) -> None:
     state = loaded.state_dict()
     del loaded
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(state, strict=False)
+    # A tied head may be absent from the state dict; anything else missing would stay random.
+    result = fresh.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"converting {gguf.name}: missing weights {missing}, unexpected {result.unexpected_keys}; "
+            "this transformers version maps the GGUF differently"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
