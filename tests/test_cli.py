@@ -1,0 +1,268 @@
+"""The command line, in process (``sdsx.cli.main([...])``) on a tiny model folder with its own
+tokenizer, plus one subprocess: prune / eval / compare, saved models, reports, and every bad input
+ending in one line on stderr with a non-zero exit status."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from sdsx.cli import main
+from sdsx.io import CHECKPOINT_MARKER, META_NAME
+from sdsx.model.blocks import find_blocks, find_linears, get_weight, set_weight
+from sdsx.eval.zeroshot import default_data_dir
+from test_zeroshot import CHOICE_ITEMS, GREEDY_ITEMS, PARTIAL_ITEMS, TEXT, tiny_tokenizer, write_jsonl
+
+REAL_ZEROSHOT = default_data_dir()  # before the hermetic fixture points SDSX_DATA elsewhere
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny LLaMA folder with tokenizer, calibration and evaluation texts, and zero-shot tasks.
+    SDSX_DATA points at an empty data root so that no default from ../shared is used."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_tokenizer()
+    model = make_tiny("llama", vocab=len(tok), seed=3)
+    model.save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    (root / "calib.txt").write_text(TEXT * 30, encoding="utf-8")
+    (root / "eval.txt").write_text(TEXT[::-1] * 10 + TEXT * 10, encoding="utf-8")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    write_jsonl(tasks / "piqa.jsonl", CHOICE_ITEMS)
+    write_jsonl(tasks / "winogrande.jsonl", PARTIAL_ITEMS)
+    write_jsonl(tasks / "lambada_openai.jsonl", GREEDY_ITEMS)
+    (root / "data").mkdir()
+    return root
+
+
+@pytest.fixture(autouse=True)
+def hermetic(monkeypatch, files):
+    monkeypatch.setenv("SDSX_DATA", str(files / "data"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def base(files, *extra):
+    return [
+        str(files / "tiny"), "--calib", str(files / "calib.txt"), "--nsamples", "4", "--seqlen", "32",
+        "--ppl", str(files / "eval.txt"), "--ppl-seqlen", "64", "--no-progress", "-q", *extra,
+    ]
+
+
+def table_value(out: str, method: str, column: str) -> str:
+    lines = [l for l in out.splitlines() if l.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[1] == method:
+            return cells[head.index(column)]
+    raise AssertionError(f"no row {method} in\n{out}")
+
+
+def one_line_error(err: str, pattern: str) -> None:
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert lines, "nothing on stderr"
+    assert re.search(pattern, lines[-1]), lines[-1]
+    assert "error:" in lines[-1]
+
+
+# ------------------------------------------------------------------------------------ happy paths
+def test_prune_saves_reloads_and_reports(files, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import sdsx
+
+    out = tmp_path / "pruned"
+    rc = main(["prune", *base(files, "--method", "sparsegpt", "--sparsity", "2:4", "--out", str(out), "--save-masks")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    dense_ppl = float(table_value(captured.out, "dense", "ppl eval"))
+    pruned_ppl = float(table_value(captured.out, "sparsegpt", "ppl eval"))
+    assert math.isfinite(dense_ppl) and math.isfinite(pruned_ppl) and dense_ppl != pruned_ppl
+    meta = json.loads((out / META_NAME).read_text())
+    assert meta["method"] == "sparsegpt" and meta["pattern"] == "2:4" and meta["masks"] == "masks.safetensors"
+    assert meta["calibration"] == {"source": str(files / "calib.txt"), "nsamples": 4, "seqlen": 32, "seed": 0, "tokens": 128}
+    assert meta["meta"]["command"].startswith("sdsx prune ")
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "layer_errors.png").is_file()
+    # plain transformers gives the printed perplexity to the printed digits
+    again = AutoModelForCausalLM.from_pretrained(str(out))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ppl = sdsx.perplexity(again, (files / "eval.txt").read_text(), tok, seqlen=64, progress=False)
+    assert f"{ppl:.3f}" == f"{pruned_ppl:.3f}"
+    assert meta["meta"]["pruned"]["ppl"] == pytest.approx(ppl, rel=1e-6)
+
+
+def test_prune_sds_with_tasks_writes_histograms(files, tmp_path, capsys):
+    rep = tmp_path / "rep"
+    rc = main(["prune", *base(files, "--method", "sds", "--pruner", "wanda", "--sparsity", "0.5", "--dense-iters", "2",
+                              "--adjust-iters", "2", "--tasks", "piqa,winogrande", "--limit", "2",
+                              "--data-dir", str(files / "tasks"), "--report", str(rep))])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "piqa acc" in captured.out and "winogrande acc" in captured.out and "sds-wanda" in captured.out
+    assert (rep / "histograms_sds-wanda-0.5.png").is_file()
+    data = json.loads((rep / "report.json").read_text())
+    assert data["runs"][0]["options"]["dense_iters"] == 2
+    assert data["meta"]["pruned"]["zeroshot"]["piqa"]["n"] == 2
+
+
+def test_eval_of_a_saved_model_and_a_broken_one(files, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["prune", *base(files, "--method", "wanda", "--sparsity", "2:4", "--out", str(out), "--ppl", "none")]) == 0
+    capsys.readouterr()
+    rc = main(["eval", str(out), "--ppl", str(files / "eval.txt"), "--ppl-seqlen", "64", "--tasks", "piqa,lambada",
+               "--data-dir", str(files / "tasks"), "--no-progress", "-q", "--report", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert table_value(captured.out, "wanda", "sparsity") == "2:4"
+    assert "lambada_openai ppl" in captured.out
+    assert re.search(r"\| piqa\s+\|\s+4 \| acc ", captured.out)  # the zero-shot table with n
+    assert (tmp_path / "r" / "report.json").is_file()
+    # change one pruned weight behind sdsx.json's back: eval refuses it
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    blocks, path = find_blocks(model)
+    name, lin = next(iter(find_linears(blocks[0], prefix=f"{path}.0").items()))
+    W = get_weight(lin).clone()
+    W[W == 0] = 0.01
+    set_weight(lin, W)
+    model.save_pretrained(out)
+    rc = main(["eval", str(out), "--ppl", str(files / "eval.txt"), "--no-progress"])
+    one_line_error(capsys.readouterr().err, rf"{re.escape(name)} no longer has the 2:4 pattern")
+    assert rc == 1
+
+
+def test_compare_restores_dense_weights_between_runs(files, tmp_path, capsys):
+    rep = tmp_path / "cmp"
+    rc = main(["compare", *base(files, "--methods", "magnitude,sparsegpt", "--sparsity", "2:4,0.5", "--report", str(rep))])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    rows = [l for l in captured.out.splitlines() if l.startswith("| ")][1:]
+    assert len(rows) == 5  # dense + 2 methods x 2 patterns
+    data = json.loads((rep / "report.json").read_text())
+    assert [(r["method"], r["sparsity"]) for r in data["runs"]] == [
+        ("magnitude", "2:4"), ("sparsegpt", "2:4"), ("magnitude", "0.5"), ("sparsegpt", "0.5")]
+    # every run started from the dense model: exactly half the weights pruned, never more
+    assert all(abs(r["overall_sparsity"] - 0.5) < 1e-3 for r in data["runs"])
+    # magnitude on the dense model is deterministic: same as a fresh one-off prune
+    mag24 = float(table_value(captured.out, "magnitude", "ppl eval"))
+    capsys.readouterr()
+    assert main(["prune", *base(files, "--method", "magnitude", "--sparsity", "2:4", "--report", str(tmp_path / "p"))]) == 0
+    assert float(table_value(capsys.readouterr().out, "magnitude", "ppl eval")) == mag24
+    assert (rep / "layer_errors.png").is_file() and (rep / "report.md").is_file()
+
+
+def test_out_into_a_checkpoint_folder_is_accepted(files, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / CHECKPOINT_MARKER).write_text("{}")
+    (out / "partial.bin").write_text("")
+    assert main(["prune", *base(files, "--method", "magnitude", "--out", str(out), "--ppl", "none")]) == 0
+    assert (out / META_NAME).is_file()
+
+
+def test_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "something.txt").write_text("x")
+    rc = main(["prune", *base(files, "--method", "magnitude", "--out", str(out), "--ppl", "none")])
+    one_line_error(capsys.readouterr().err, r"output folder .*full is not empty; pass --overwrite")
+    assert rc == 1 and not (out / META_NAME).exists()
+    assert main(["prune", *base(files, "--method", "magnitude", "--out", str(out), "--ppl", "none", "--overwrite")]) == 0
+    assert (out / META_NAME).is_file()
+
+
+# ----------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "argv, code, pattern",
+    [
+        (["prune", "MODEL", "--sparsity", "5:4"], 2, r"argument --sparsity: invalid N:M pattern '5:4'"),
+        (["prune", "MODEL", "--sparsity", "abc"], 2, r"argument --sparsity: invalid sparsity 'abc'"),
+        (["prune", "MODEL", "--method", "obs"], 2, r"argument --method: invalid choice: 'obs'"),
+        (["prune", "MODEL", "--nsamples", "0"], 2, r"argument --nsamples: expected a positive integer"),
+        (["compare", "MODEL", "--methods", "sparsegpt,foo"], 2, r"unknown method 'foo'"),
+        (["compare", "MODEL", "--sparsity", "2:4,1.5"], 2, r"pruned fraction must be in \[0, 1\)"),
+        (["eval", "MODEL", "--tasks", "piqa,hellaswag"], 1, r"unknown task 'hellaswag'"),
+        (["eval", "no-such-model-xyz", "--ppl", "FILE"], 1, r"unknown model 'no-such-model-xyz': not a local folder.*hub is not reachable"),
+        (["eval", "./missing/folder", "--ppl", "FILE"], 1, r"model folder ./missing/folder does not exist"),
+        (["prune", "MODEL", "--calib", "/nonexistent/calib.txt"], 1, r"--calib /nonexistent/calib.txt: no such file"),
+        (["eval", "MODEL", "--ppl", "/nonexistent/wiki.raw"], 1, r"--ppl /nonexistent/wiki.raw: no such file"),
+        (["eval", "MODEL", "--tasks", "arc_easy"], 1, r"task 'arc_easy': no arc_easy.jsonl in .*hub is not reachable"),
+        (["prune", "MODEL"], 1, r"no calibration text: pass --calib"),
+        (["eval", "MODEL", "--ppl", "none"], 1, r"nothing to evaluate"),
+        (["prune", "MODEL", "--calib", "CALIB", "--seqlen", "100000", "--ppl", "none"], 1, r"not enough calibration text"),
+    ],
+)
+def test_bad_input_is_one_line(files, capsys, argv, code, pattern):
+    subs = {"MODEL": str(files / "tiny"), "FILE": str(files / "eval.txt"), "CALIB": str(files / "calib.txt")}
+    argv = [subs.get(a, a) for a in argv] + ["--no-progress"]
+    if argv[0] == "eval" and "--tasks" in argv:
+        argv += ["--data-dir", str(files / "tasks")]
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    one_line_error(captured.err, pattern)
+    assert captured.out == ""
+
+
+def test_malformed_task_line_is_named(files, tmp_path, capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "copa.jsonl").write_text(json.dumps(CHOICE_ITEMS[0]) + "\n" + '{"query": "x", "choices": ["a", "b"]}\n')
+    rc = main(["eval", str(files / "tiny"), "--tasks", "copa", "--data-dir", str(tasks), "--no-progress"])
+    one_line_error(capsys.readouterr().err, r"copa\.jsonl:2: needs an integer \"gold\"")
+    assert rc == 1
+
+
+def test_already_pruned_model_is_refused_for_pruning(files, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["prune", *base(files, "--method", "magnitude", "--out", str(out), "--ppl", "none")]) == 0
+    capsys.readouterr()
+    rc = main(["prune", str(out), "--calib", str(files / "calib.txt"), "--nsamples", "4", "--seqlen", "32", "--ppl", "none", "--no-progress"])
+    one_line_error(capsys.readouterr().err, r"already pruned \(magnitude 2:4\)")
+    assert rc == 1
+
+
+def test_debug_shows_the_traceback(files):
+    with pytest.raises(ValueError, match="unknown task"):
+        main(["eval", str(files / "tiny"), "--tasks", "nope", "--debug"])
+
+
+def test_help_and_no_command(capsys):
+    assert main(["prune", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--method", "--pruner", "--sparsity", "--calib", "--nsamples", "--seqlen", "--out", "--overwrite",
+                   "--ppl", "--max-windows", "--schedule", "--l1", "--l2", "--dense-iters", "--adjust-iters",
+                   "--no-redense", "--no-adjust", "--tasks", "--limit", "--debug"):
+        assert option in text, option
+    assert "128 x 2048" in " ".join(text.split())
+    assert main([]) == 2
+
+
+def test_python_m_sdsx_help():
+    proc = subprocess.run([sys.executable, "-m", "sdsx", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "prune" in proc.stdout and "eval" in proc.stdout and "compare" in proc.stdout
+    assert "smollm2-135m" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------ integration
+@pytest.mark.integration
+def test_eval_smollm2_few_items(smollm2, capsys):
+    if REAL_ZEROSHOT is None or not REAL_ZEROSHOT.is_dir():
+        pytest.skip("no local zero-shot data")
+    rc = main(["eval", "smollm2-135m", "--tasks", "copa,lambada_openai", "--limit", "3", "--data-dir", str(REAL_ZEROSHOT), "--no-progress", "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "copa acc" in out and "lambada_openai ppl" in out
