@@ -241,7 +241,7 @@ def _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps,
         new, mask = s2.weight.float(), s2.mask
         phase_errors[name]["sparse2"] = reconstruction_error(Wd, new, H)
         if opts.adjust:
-            new, mask = adjust(new, Wd, sh.Hd, spec, opts.adjust_iters, opts.reselect, sh.lam)
+            new, mask = adjust(new, Wd, sh.Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score)
             phase_errors[name]["adjust"] = reconstruction_error(Wd, new, H)
         err = reconstruction_error(Wd, new, H)
         # phase 1's error was measured on other inputs; compare both on this pass's H

@@ -93,14 +93,15 @@ def test_sds_layer_masks_valid_and_no_worse_than_phase1(spec, pruner):
     assert set(res.errors) >= {"sparse", "dense", "sparse2", "adjust"}
 
 
-def test_adjust_keeps_the_pattern_and_lowers_the_error():
+@pytest.mark.parametrize("score", ["magnitude", "activation"])
+def test_adjust_keeps_the_pattern_and_lowers_the_error(score):
     W_d, _, H = _layer()
     spec = SparsitySpec.parse("2:4")
     start = W_d * (torch.rand_like(W_d) > 0.5)
     from sdsx.ops import nm_mask
 
     start = W_d * nm_mask(W_d.abs(), 2, 4)
-    W, mask = adjust(start, W_d, H, spec, iters=30)
+    W, mask = adjust(start, W_d, H, spec, iters=30, score=score)
     assert (mask.reshape(24, -1, 4).sum(-1) == 2).all()
     assert objective(W, W_d, H) < objective(start, W_d, H)
 
@@ -113,6 +114,7 @@ def test_adjust_keeps_the_pattern_and_lowers_the_error():
         (dict(pruner="magnitude"), "unknown SDS pruner"),
         (dict(dense_iters=0), "dense_iters"),
         (dict(adjust_iters=0), "adjust_iters"),
+        (dict(adjust_score="random"), "adjust_score"),
     ],
 )
 def test_bad_options(kwargs, match):

@@ -33,6 +33,7 @@ from sdsx.pruners.spec import SparsitySpec
 from sdsx.pruners.wanda import wanda
 
 PRUNERS = ("sparsegpt", "wanda")
+ADJUST_SCORES = ("magnitude", "activation")
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ class SDSOptions:
     damp: relative damping of H in phases 2 and 3 (a ridge towards the dense weights).
     adjust: run the weight adjustment after the second pruning.
     adjust_iters: projected-gradient iterations of the adjustment.
-    reselect: re-select the mask by magnitude at every adjustment iteration (the paper); False
-        keeps the second pruning's mask fixed.
+    reselect: re-select the mask at every adjustment iteration (the paper); False keeps the
+        second pruning's mask fixed.
+    adjust_score: what the re-selection ranks: "magnitude" |W| (the paper), or "activation"
+        |W_ij| * sqrt(H_jj) (Wanda's score: the diagonal of the H metric the gradient step uses).
     keep_better: keep phase 1's weights for a layer whose final calibration error is higher.
     blocksize, percdamp: SparseGPT's settings.
     """
@@ -61,6 +64,7 @@ class SDSOptions:
     adjust: bool = True
     adjust_iters: int = 10
     reselect: bool = True
+    adjust_score: str = "magnitude"
     keep_better: bool = True
     blocksize: int = 128
     percdamp: float = 0.01
@@ -76,6 +80,8 @@ class SDSOptions:
             raise ValueError(f"dense_iters must be >= 1 when redense is on, got {self.dense_iters} (or set redense=False)")
         if self.adjust and self.adjust_iters < 1:
             raise ValueError(f"adjust_iters must be >= 1 when adjust is on, got {self.adjust_iters} (or set adjust=False)")
+        if self.adjust_score not in ADJUST_SCORES:
+            raise ValueError(f"adjust_score must be one of {ADJUST_SCORES}, got {self.adjust_score!r}")
         if self.blocksize < 1:
             raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
         return self
@@ -182,19 +188,22 @@ def adjust(
     iters: int,
     reselect: bool = True,
     lam: float | None = None,
+    score: str = "magnitude",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 3's weight adjustment: projected gradient on tr((W - W_d) H (W - W_d)^T) over W with
     the sparsity pattern, the mask re-selected by magnitude at every iteration (through nm_mask /
-    topk_mask) or kept fixed. Returns (weights, mask)."""
+    topk_mask) or kept fixed. ``score`` "activation" ranks |W_ij| sqrt(H_jj) instead of |W_ij|.
+    Returns (weights, mask)."""
     W_d = W_d.float()
     step = 1.0 / lipschitz(H, 0.0, lam)
     W = W_start.float().clone()
     mask = W != 0
+    scale = H.diagonal().clamp_min(0).sqrt().unsqueeze(0) if score == "activation" else None
     for _ in range(iters):
         G = (W - W_d) @ H
         Z, _ = ops.prox_step(W, W, G, step, 0.0, 0.0, 0.0, None if reselect else mask)
         if reselect:
-            mask = select_mask(Z.abs(), spec, per_row=False)
+            mask = select_mask(Z.abs() if scale is None else Z.abs() * scale, spec, per_row=False)
         W = torch.where(mask, Z, torch.zeros_like(Z))
     return W, mask
 
@@ -269,7 +278,7 @@ def sds_layer(
     final_w, final_mask = s2.weight, s2.mask
     errors["sparse2"] = reconstruction_error(Wd, final_w, H)
     if opts.adjust:
-        final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam)
+        final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score)
         errors["adjust"] = reconstruction_error(Wd, final_w, H)
     final_err = reconstruction_error(Wd, final_w, H)
     kept = False
