@@ -186,7 +186,10 @@ def validate(
         raise ValueError(f"the decoder blocks at {path} contain no nn.Linear or Conv1D layers to prune")
     if calib is None:
         if need_calib:
-            raise ValueError("this method needs calibration token ids: pass a LongTensor (nsamples, seqlen)")
+            raise ValueError(
+                "calibration token ids are needed: pass a LongTensor (nsamples, seqlen) from sdsx.calibration "
+                "(only magnitude with report_error=False runs without them)"
+            )
         return Plan(spec, None)
     if isinstance(calib, (str, bytes)):
         raise TypeError("calib must be token ids (a LongTensor (nsamples, seqlen)); build them with sdsx.calibration(text, tokenizer)")

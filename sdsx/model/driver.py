@@ -202,6 +202,15 @@ class BlockDriver:
         self.batch_size = batch_size
         self.progress = progress
         self.desc = desc
+        kinds = {getattr(b, "attention_type", None) for b in self.blocks} - {None}
+        if len(kinds) > 1:
+            # e.g. sliding-window and full-attention layers get different masks from the model;
+            # the driver replays block 0's arguments to every block.
+            log.warning(
+                "%s mixes attention types %s across blocks; sdsx reuses block 0's attention mask for all "
+                "blocks, so statistics of the other type are approximate",
+                type(model).__name__, sorted(kinds),
+            )
         self.accumulator = accumulator or (lambda columns, device, diag: GramAccumulator(columns, device=device, diag_only=diag))
         self.share_inputs = share_inputs
 
