@@ -128,6 +128,9 @@ def _eval_options(p: argparse.ArgumentParser, ppl_help: str) -> None:
                    help="evaluate only the first K items of each zero-shot task (default all)")
     g.add_argument("--data-dir", default=None, metavar="DIR",
                    help="folder holding <task>.jsonl (default $SDSX_DATA/zeroshot, else ../shared/data/zeroshot next to the checkout)")
+    g.add_argument("--harness", choices=("sdsx", "lm-eval"), default="sdsx",
+                   help="zero-shot evaluator: sdsx's built-in one (default; lm-evaluation-harness's definitions) or "
+                        "lm-evaluation-harness itself on the same task files (needs pip install 'sdsx[lmeval]')")
     g.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
                    help="sequences per forward call in zero-shot evaluation (default 8; perplexity runs one window at a time)")
 
@@ -376,12 +379,15 @@ class _Evaluator:
             )
             log.info("perplexity on %s: %.3f (%.1fs)", self.ppl_name, out["ppl"], time.perf_counter() - t0)
         if self.tasks:
-            from sdsx.eval.zeroshot import zero_shot
+            if self.args.harness == "lm-eval":
+                from sdsx.eval.lmeval import lm_eval_zero_shot as run
+            else:
+                from sdsx.eval.zeroshot import zero_shot as run
 
             with _on_device(model, device):
-                out["zeroshot"] = zero_shot(
+                out["zeroshot"] = run(
                     model, self.tokenizer, self.tasks, data_dir=self.args.data_dir, limit=self.args.limit,
-                    batch_size=self.args.batch_size, progress=progress,
+                    batch_size=self.args.batch_size, **({"progress": progress} if self.args.harness == "sdsx" else {}),
                 )
         return out
 
@@ -499,6 +505,11 @@ def _check_inputs(args: argparse.Namespace, calib: bool) -> None:
 
     for t in resolve_tasks(args.tasks) if args.tasks else []:
         load_task(t, args.data_dir, args.limit)
+    if args.tasks and args.harness == "lm-eval":
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise CLIError("--harness lm-eval needs lm-evaluation-harness: pip install 'sdsx[lmeval]' (or use the built-in --harness sdsx)")
     sources = [("--ppl", args.ppl)] + ([("--calib", args.calib)] if calib else [])
     for flag, source in sources:
         if source is None or source.lower() == "none" and flag == "--ppl":

@@ -56,16 +56,19 @@ def _fmt(key: str, value: Any) -> str:
     return f"{value:.3f}"
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+def format_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, right: Sequence[str] = ()
+) -> str:
     """A markdown table of ``rows`` (dicts); columns in first-seen order unless given.
-    Accuracies get 4 decimals, perplexities 3, seconds 1."""
+    Accuracies get 4 decimals, perplexities 3, seconds 1; numeric columns (and those named in
+    ``right``) are right-aligned."""
     if not rows:
         return ""
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
     cells = [[_fmt(c, r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    numeric = [all(_is_num(r.get(c)) for r in rows if r.get(c) is not None) for c in columns]
+    numeric = [c in right or all(_is_num(r.get(c)) for r in rows if r.get(c) is not None) for c in columns]
     head = "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"
     rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
     body = ["| " + " | ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric)) + " |" for row in cells]
@@ -87,10 +90,9 @@ def zeroshot_table(results: Mapping[str, Mapping[str, Any]]) -> str:
                     "task": task, "n": res.get("n"), "metric": metric, "value": res[metric],
                     "stderr": res.get(f"{metric}_stderr"), "chance": res.get("chance") if metric != "perplexity" else None,
                 })
-    # one decimals rule for all numeric columns of this table
-    lines = format_table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-                         ["task", "n", "metric", "value", "stderr", "chance"])
-    return lines
+    # one rule (4 decimals) for every number of this table
+    return format_table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                        ["task", "n", "metric", "value", "stderr", "chance"], right=("value", "stderr", "chance"))
 
 
 # ------------------------------------------------------------------------------------ report data

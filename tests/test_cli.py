@@ -234,6 +234,20 @@ def test_already_pruned_model_is_refused_for_pruning(files, tmp_path, capsys):
     assert rc == 1
 
 
+def test_harness_lm_eval(files, capsys):
+    import importlib.util
+
+    argv = ["eval", str(files / "tiny"), "--tasks", "piqa", "--data-dir", str(files / "tasks"), "--harness", "lm-eval", "--no-progress", "-q"]
+    if importlib.util.find_spec("lm_eval") is None:
+        assert main(argv) == 1
+        one_line_error(capsys.readouterr().err, r"--harness lm-eval needs lm-evaluation-harness: pip install 'sdsx\[lmeval\]'")
+        return
+    assert main(argv) == 0
+    theirs = table_value(capsys.readouterr().out, "dense", "piqa acc_norm")
+    assert main(argv[:-4] + ["--no-progress", "-q"]) == 0
+    assert table_value(capsys.readouterr().out, "dense", "piqa acc_norm") == theirs
+
+
 def test_debug_shows_the_traceback(files):
     with pytest.raises(ValueError, match="unknown task"):
         main(["eval", str(files / "tiny"), "--tasks", "nope", "--debug"])

@@ -114,5 +114,6 @@ def test_zeroshot_table():
     lines = rp.zeroshot_table(res).splitlines()
     assert lines[0].split("|")[1:-1] == [" task           ", " n   ", " metric     ", " value   ", " stderr ", " chance "]
     assert len(lines) == 2 + 4
-    assert "| copa           | 100 | acc_norm   | 0.5500  | 0.0500 | 0.5000 |" in lines
+    assert "| copa           | 100 | acc_norm   |  0.5500 | 0.0500 | 0.5000 |" in lines
+    assert lines[-1].endswith("| perplexity | 40.0000 | 2.0000 |        |")
     assert "perplexity" in lines[-1] and "40.0000" in lines[-1]

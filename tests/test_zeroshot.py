@@ -274,6 +274,36 @@ def test_hub_rows_convert_to_local_formats():
     assert arc == {"query": "Question: Q?", "choices": ["x", "y"], "gold": 1}
 
 
+# --------------------------------------------------------------------------------- lm-eval adapter
+def _flat(samples):
+    return [s.get("loglikelihoods", [s.get("loglikelihood")]) for s in samples]
+
+
+def test_lm_eval_agrees_item_by_item(model, tok, data_dir):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra sdsx[lmeval]")
+    from sdsx.eval.lmeval import lm_eval_zero_shot
+
+    theirs = lm_eval_zero_shot(model, tok, "piqa,winogrande,lambada_openai", data_dir=data_dir, log_samples=True)
+    ours = zs.zero_shot(model, tok, "piqa,winogrande,lambada_openai", data_dir=data_dir, progress=False, log_samples=True)
+    for task in ours:
+        for a, b in zip(theirs[task]["samples"], _flat(ours[task]["samples"])):
+            assert a == pytest.approx(b, abs=1e-4), task
+        for metric in ("acc", "acc_norm"):
+            if metric in ours[task]:
+                assert theirs[task][metric] == pytest.approx(ours[task][metric]), (task, metric)
+                assert theirs[task][f"{metric}_stderr"] == pytest.approx(ours[task][f"{metric}_stderr"]), (task, metric)
+    assert theirs["lambada_openai"]["perplexity"] == pytest.approx(ours["lambada_openai"]["perplexity"], rel=1e-4)
+
+
+def test_lm_eval_adapter_is_not_imported_by_default():
+    import subprocess
+    import sys
+
+    code = "import sys, sdsx, sdsx.eval.zeroshot, sdsx.cli; print('lm_eval' in sys.modules, 'sdsx.eval.lmeval' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
 # ------------------------------------------------------------------------------------- integration
 @pytest.mark.integration
 def test_smollm2_all_tasks_few_items(smollm2):
@@ -285,3 +315,19 @@ def test_smollm2_all_tasks_few_items(smollm2):
     for r in res.values():
         assert r["n"] == 3 and 0.0 <= r["acc"] <= 1.0
     assert 1.0 < res["lambada_openai"]["perplexity"] < 1e4
+
+
+@pytest.mark.integration
+def test_smollm2_lm_eval_agrees_on_a_few_items_per_task(smollm2):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra sdsx[lmeval]")
+    if zs.default_data_dir() is None:
+        pytest.skip("no local zero-shot data (../shared/data/zeroshot or $SDSX_DATA)")
+    from sdsx.eval.lmeval import lm_eval_zero_shot
+
+    model, tok = smollm2
+    theirs = lm_eval_zero_shot(model, tok, "all", limit=3, log_samples=True)
+    ours = zs.zero_shot(model, tok, "all", limit=3, progress=False, log_samples=True)
+    for task in zs.KNOWN_TASKS:
+        for a, b in zip(theirs[task]["samples"], _flat(ours[task]["samples"])):
+            assert a == pytest.approx(b, abs=1e-3), task
+        assert theirs[task]["acc"] == pytest.approx(ours[task]["acc"]), task
