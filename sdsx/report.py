@@ -245,20 +245,30 @@ def plot_phase_errors(report: Any, path: str | os.PathLike) -> Path | None:
     names = list(phase_errors)
     phases = [p for p in ("sparse", "sparse2", "adjust", "final") if any(p in e for e in phase_errors.values())]
     labels = {"sparse": "phase 1: one-shot pruning", "sparse2": "phase 3: pruned again", "adjust": "phase 3: adjusted", "final": "final (kept)"}
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
+    fig = _figure(10.0, 7.0)
+    ax, ratio_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     for p in phases:
         vals = [phase_errors[n].get(p) for n in names]
         vals = [float(v) if isinstance(v, (int, float)) and math.isfinite(v) and v > 0 else float("nan") for v in vals]
         ax.plot(range(len(vals)), vals, marker=".", markersize=3, linewidth=0.9, label=labels.get(p, p),
                 linestyle="--" if p == "final" else "-")
     ax.set_yscale("log")
-    _block_ticks(ax, names)
-    ax.set_xlabel("decoder block (linear layers in model order)")
     ax.set_ylabel("reconstruction error (log scale)")
     ax.set_title(f"SDS per-layer error after each phase ({_label(rep)})")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    # the change SDS made to each layer, readable where the curves above overlap
+    ratios = []
+    for n in names:
+        first, final = phase_errors[n].get("sparse"), phase_errors[n].get("final")
+        ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (first, final)) and first > 0
+        ratios.append(final / first if ok else float("nan"))
+    ratio_ax.plot(range(len(ratios)), ratios, marker=".", markersize=3, linewidth=0.8, color="#c44e52")
+    ratio_ax.axhline(1.0, color="0.4", linewidth=0.8, linestyle=":")
+    ratio_ax.set_ylabel("final / phase 1 error")
+    ratio_ax.set_xlabel("decoder block (linear layers in model order)")
+    ratio_ax.grid(True, axis="y", alpha=0.3)
+    _block_ticks(ratio_ax, names)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)
