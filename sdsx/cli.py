@@ -658,23 +658,35 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ main
-def _setup_logging(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace):
+    """Log the "sdsx" logger to stderr for this command; restore the logging state afterwards
+    (``main`` is also called in process, by tests and scripts)."""
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("sdsx")
-    for h in list(root.handlers):
-        if getattr(h, "_sdsx_cli", False):
-            root.removeHandler(h)
-    handler._sdsx_cli = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level)
-    root.propagate = False
+    logger = logging.getLogger("sdsx")
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    hf_logging = None
     if args.no_progress:
         with contextlib.suppress(ImportError):
             from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
+            if hf_logging.is_progress_bar_enabled():
+                hf_logging.disable_progress_bar()
+            else:
+                hf_logging = None
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        if hf_logging is not None:
+            hf_logging.enable_progress_bar()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -695,12 +707,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     args.argv = list(argv) if argv is not None else sys.argv[1:]
-    _setup_logging(args)
     commands = {"prune": _cmd_prune, "eval": _cmd_eval, "compare": _cmd_compare}
     from sdsx.io import PatternError
 
     try:
-        return commands[args.command](args)
+        with _logging(args):
+            return commands[args.command](args)
     except KeyboardInterrupt:
         print("sdsx: interrupted", file=sys.stderr)
         return 130

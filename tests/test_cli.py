@@ -248,6 +248,16 @@ def test_harness_lm_eval(files, capsys):
     assert table_value(capsys.readouterr().out, "dense", "piqa acc_norm") == theirs
 
 
+def test_logging_state_is_restored(files, capsys):
+    import logging
+
+    logger = logging.getLogger("sdsx")
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    main(["eval", str(files / "tiny"), "--ppl", str(files / "eval.txt"), "--ppl-seqlen", "64", "--no-progress", "-v"])
+    assert "perplexity on eval" in capsys.readouterr().err
+    assert (logger.level, logger.propagate, list(logger.handlers)) == before
+
+
 def test_debug_shows_the_traceback(files):
     with pytest.raises(ValueError, match="unknown task"):
         main(["eval", str(files / "tiny"), "--tasks", "nope", "--debug"])
