@@ -171,6 +171,12 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-redense", action="store_true", help="skip the re-dense phase (sparse, then adjust)")
     g.add_argument("--no-adjust", action="store_true", help="skip the weight adjustment after the second pruning")
     g.add_argument("--no-reselect", action="store_true", help="keep the second pruning's mask fixed during the adjustment")
+    if hasattr(d, "adjust_score"):
+        from sdsx.pruners import sds as _sds
+
+        g.add_argument("--adjust-score", choices=tuple(getattr(_sds, "ADJUST_SCORES", ("magnitude", "activation"))), default=None,
+                       help=f"what the adjustment's mask re-selection ranks: magnitude |W| (the paper's) or activation "
+                            f"|W| * sqrt(diag H) (Wanda's score) (default {d.adjust_score})")
     g.add_argument("--no-keep-better", action="store_true",
                    help="always use the SDS result, even for layers where phase 1's error was lower")
     g.add_argument("--early-exit-params", type=float, default=3e9, metavar="P",
@@ -449,6 +455,7 @@ def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "damp": args.damp, "blocksize": args.blocksize, "percdamp": args.percdamp,
         "redense": False if args.no_redense else None, "adjust": False if args.no_adjust else None,
         "reselect": False if args.no_reselect else None, "keep_better": False if args.no_keep_better else None,
+        "adjust_score": getattr(args, "adjust_score", None),
     }
     out = {}
     for key, value in wanted.items():

@@ -106,7 +106,7 @@ def test_prune_saves_reloads_and_reports(files, tmp_path, capsys):
 def test_prune_sds_with_tasks_writes_histograms(files, tmp_path, capsys):
     rep = tmp_path / "rep"
     rc = main(["prune", *base(files, "--method", "sds", "--pruner", "wanda", "--sparsity", "0.5", "--dense-iters", "2",
-                              "--adjust-iters", "2", "--tasks", "piqa,winogrande", "--limit", "2",
+                              "--adjust-iters", "2", "--adjust-score", "activation", "--tasks", "piqa,winogrande", "--limit", "2",
                               "--data-dir", str(files / "tasks"), "--report", str(rep))])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -114,6 +114,7 @@ def test_prune_sds_with_tasks_writes_histograms(files, tmp_path, capsys):
     assert (rep / "histograms_sds-wanda-0.5.png").is_file()
     data = json.loads((rep / "report.json").read_text())
     assert data["runs"][0]["options"]["dense_iters"] == 2
+    assert data["runs"][0]["options"]["adjust_score"] == "activation"
     assert data["meta"]["pruned"]["zeroshot"]["piqa"]["n"] == 2
 
 
