@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="extra SDS option sets: name:key=val,key=val;name2:...")
     p.add_argument("--no-base", action="store_true", help="skip the base pruners (ablations only)")
     p.add_argument("--no-sds", action="store_true")
+    p.add_argument("--only-variants", action="store_true", help="run the --variants without the default SDS")
     p.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     p.add_argument("--ops", action="store_true", help="also run the prox_step / Gram-vs-token measurements")
     p.add_argument("--threads", type=int, default=1)
@@ -127,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
     eval_ids = encode(tok, text)
     base_opts = parse_sets(args.set)
-    variants = [("sds", base_opts)] + [
-        (name, {**base_opts, **opts}) for name, opts in (parse_variant(v) for v in args.variants.split(";") if v)
-    ]
+    variants = [] if args.only_variants else [("sds", base_opts)]
+    variants += [(name, {**base_opts, **opts}) for name, opts in (parse_variant(v) for v in args.variants.split(";") if v)]
     meta = dict(
         model="SmolLM2-135M", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         eval="WikiText-2 test", eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
