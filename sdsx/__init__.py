@@ -31,6 +31,11 @@ _LAZY = {
     "calibration": "sdsx.data",
     "perplexity": "sdsx.eval",
     "load_smollm2": "sdsx.model.smollm2",
+    "zero_shot": "sdsx.eval.zeroshot",
+    "save_pruned": "sdsx.io",
+    "load": "sdsx.io",
+    "load_masks": "sdsx.io",
+    "write_report": "sdsx.report",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
