@@ -74,26 +74,16 @@ class PublishedAccumulator:
 
 def reference_layer_fn(method: str, spec: Any, blocksize: int, percdamp: float):
     """The published per-layer procedure on the pure-PyTorch ops (forced by the caller)."""
-    from sdsx import ops
-    from sdsx.pruners import PruneResult, inverse_hessian_factor, magnitude, wanda
+    from sdsx.pruners import magnitude, sparsegpt, wanda
 
     if method == "magnitude":
         return (lambda name, W, H: magnitude(W, spec)), "none"
     if method == "wanda":
         return (lambda name, W, H: wanda(W, H, spec)), "diag"
 
-    bs = (blocksize - blocksize % spec.m or spec.m) if spec.is_nm else blocksize
-
     def fasterprune(name: str, W: torch.Tensor, H: torch.Tensor) -> Any:
-        U, dead, _ = inverse_hessian_factor(H, percdamp, name=name)  # every layer factors its own H
-        if bool(dead.any()):
-            W = W.clone()
-            W[:, dead] = 0
-        if spec.is_nm:
-            new, mask, _ = ops.obs_sweep(W, U, 0.0, spec.n, spec.m, bs)
-        else:
-            new, mask, _ = ops.obs_sweep(W, U, spec.sparsity, 0, 0, bs)
-        return PruneResult(new, mask, float("nan"))
+        # every layer factors its own H, as the published code does
+        return sparsegpt(W, H, spec, blocksize, percdamp, name, report_error=False)
 
     return fasterprune, "full"
 
@@ -276,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--md", type=Path, default=None, help="markdown output (default: next to --json)")
     p.add_argument("--progress", action="store_true", help="show per-block progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the dense perplexity and finished runs of an existing --json made with the same settings")
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -315,6 +307,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": [],
     }
     say("backend: %s", record["backend"])
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    if args.resume and json_path and json_path.is_file():
+        old = json.loads(json_path.read_text())
+        same = ("nsamples", "seqlen", "eval_seqlen", "max_windows", "seed", "threads", "blocksize", "percdamp", "wikitext", "calib")
+        if all(old["config"].get(k) == record["config"].get(k) for k in same):
+            record["dense_ppl"] = old.get("dense_ppl")
+            done = {(r["method"], r["pattern"]): r for r in old.get("runs", [])}
+            say("resuming: dense %s, %d finished runs", record["dense_ppl"], len(done))
+        else:
+            say("not resuming: %s was made with other settings", json_path)
 
     def ppl(m) -> float | None:
         if eval_ids is None:
@@ -326,12 +328,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return value
 
     dense = snapshot(model)
-    say("dense")
-    record["dense_ppl"] = ppl(model)
-    save(record, json_path, md_path)
+    if record["dense_ppl"] is None:
+        say("dense")
+        record["dense_ppl"] = ppl(model)
+        save(record, json_path, md_path)
 
     for method in methods:
         for pattern in patterns:
+            previous = done.get((method, pattern))
+            if previous is not None and (pattern not in ref_patterns or "reference" in previous):
+                record["runs"].append(previous)
+                continue
             run: dict[str, Any] = {"method": method, "pattern": pattern}
             restore(model, dense)
             say("%s %s: sdsx", method, pattern)
