@@ -18,7 +18,7 @@ from torch import nn
 from sdsx import ops
 from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, vocab_size
 from sdsx.model.driver import BlockDriver, DriverResult, LayerFn, as_batches
-from sdsx.pruners import PruneResult, SparsitySpec, inverse_hessian_factor, magnitude, reconstruction_error, wanda
+from sdsx.pruners import FactorCache, PruneResult, SparsitySpec, magnitude, sparsegpt, wanda
 
 log = logging.getLogger("sdsx")
 
@@ -216,25 +216,12 @@ def validate(
 def _sparsegpt_shared(spec: SparsitySpec, blocksize: int, percdamp: float, report_error: bool) -> LayerFn:
     """SparseGPT whose Hessian factorization is reused by linears that share their input (q/k/v,
     gate/up): the driver hands them the same H object, and the factor depends only on H."""
-    cache: dict[str, Any] = {"H": None}
-    bs = blocksize - blocksize % spec.m or spec.m if spec.is_nm else blocksize
+    factors = FactorCache(percdamp)
 
     def fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
         if H is None:
             raise ValueError(f"{name}: SparseGPT needs the layer's Hessian")
-        if cache["H"] is not H:  # identity (not id()): the cache holds H, so no address reuse
-            cache["H"] = H
-            cache["factor"] = inverse_hessian_factor(H, percdamp, name=name)
-        U, dead, _ = cache["factor"]
-        Wd = W
-        if bool(dead.any()):
-            Wd = W.clone()
-            Wd[:, dead] = 0
-        if spec.is_nm:
-            new, mask, _ = ops.obs_sweep(Wd, U, 0.0, spec.n, spec.m, bs)
-        else:
-            new, mask, _ = ops.obs_sweep(Wd, U, spec.sparsity, 0, 0, bs)
-        return PruneResult(new, mask, reconstruction_error(W, new, H) if report_error else float("nan"))
+        return sparsegpt(W, H, spec, blocksize, percdamp, name, factor=factors(H, name), report_error=report_error)
 
     return fn
 
