@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "config": dict(
             vars(args), wikitext=str(args.wikitext), calib=str(args.calib), json=str(json_path), md=str(md_path),
-            command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+            command=" ".join(["python", "bench/prune.py"] + (argv if argv is not None else sys.argv[1:])),
         ),
         "backend": sdsx.backend_info(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
