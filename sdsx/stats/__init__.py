@@ -30,11 +30,27 @@ class GramAccumulator:
         if self.diag_only:
             self.sum += (x * x).sum(0)
         else:
-            self.sum.addmm_(x.t(), x)
+            self._add_gram(x)
         self.tokens += x.shape[0]
+
+    def _add_gram(self, x: torch.Tensor) -> None:
+        # H is symmetric: accumulate only the upper block-triangle (row block i times columns from
+        # block i on), about (1 + 1/nb) / 2 of the full GEMM's work; finalize() mirrors it.
+        c = self.columns
+        nb = max(1, min(4, c // 128))  # measured: 4 blocks beat 2, 6 and 8 at c = 576 and 1536
+        if nb == 1:
+            self.sum.addmm_(x.t(), x)
+            return
+        step = -(-c // nb)
+        for i0 in range(0, c, step):
+            i1 = min(i0 + step, c)
+            self.sum[i0:i1, i0:].addmm_(x[:, i0:i1].t(), x[:, i0:])
 
     def finalize(self) -> torch.Tensor:
         """H = sum x x^T / T (or its diagonal)."""
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens were seen by this layer")
-        return self.sum / self.tokens
+        if self.diag_only or self.columns < 256:
+            return self.sum / self.tokens
+        upper = torch.triu(self.sum)
+        return (upper + torch.triu(self.sum, 1).t()) / self.tokens
