@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from sdsx import ops
 from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, vocab_size
 from sdsx.model.driver import BlockDriver, DriverResult, LayerFn, as_batches
 from sdsx.pruners import FactorCache, PruneResult, SparsitySpec, magnitude, sparsegpt, wanda

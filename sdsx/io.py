@@ -84,13 +84,9 @@ def _versions() -> dict[str, str]:
 
 
 def _named_linears(model: nn.Module) -> dict[str, nn.Module]:
-    from sdsx.model.blocks import find_blocks, find_linears
+    from sdsx.model.blocks import model_linears
 
-    blocks, path = find_blocks(model)
-    out: dict[str, nn.Module] = {}
-    for index, block in enumerate(blocks):
-        out.update(find_linears(block, prefix=f"{path}.{index}"))
-    return out
+    return model_linears(model)
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, dict[str, Any]]:

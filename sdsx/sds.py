@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sdsx.api import PruneReport, report_from, run_driver, validate
-from sdsx.model.blocks import find_blocks, find_linears, get_weight
+from sdsx.model.blocks import get_weight, model_linears
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error
 from sdsx.pruners.sds import (
     PRUNERS,
@@ -97,20 +97,18 @@ def detect_pattern(weight: torch.Tensor, threshold: float = 0.25) -> str | None:
 
 
 def _check_not_sparse(model: nn.Module, spec: SparsitySpec) -> None:
-    blocks, path = find_blocks(model)
-    for index, block in enumerate(blocks):
-        for name, module in find_linears(block, prefix=f"{path}.{index}").items():
-            W = get_weight(module)
-            found = detect_pattern(W)
-            if found is None:
-                continue
-            wanted = str(spec) if spec.is_nm else "unstructured"
-            same = found == wanted or (wanted == "unstructured" and abs(float((W == 0).float().mean()) - spec.sparsity) < 0.02)
-            if not same:
-                raise ValueError(
-                    f"the model is already sparse: {name} is {found} ({float((W == 0).float().mean()):.1%} zeros), "
-                    f"but {spec} was requested; SDS needs the dense model (its weights are the targets): load it again"
-                )
+    for name, module in model_linears(model).items():
+        W = get_weight(module)
+        found = detect_pattern(W)
+        if found is None:
+            continue
+        wanted = str(spec) if spec.is_nm else "unstructured"
+        same = found == wanted or (wanted == "unstructured" and abs(float((W == 0).float().mean()) - spec.sparsity) < 0.02)
+        if not same:
+            raise ValueError(
+                f"the model is already sparse: {name} is {found} ({float((W == 0).float().mean()):.1%} zeros), "
+                f"but {spec} was requested; SDS needs the dense model (its weights are the targets): load it again"
+            )
 
 
 def sds_prune(
@@ -165,8 +163,7 @@ def sds_prune(
     plan = validate(model, calib, spec, need_calib=True, batch_size=batch_size)
     _check_not_sparse(model, spec)
     if histogram_layer is None:
-        blocks, path = find_blocks(model)
-        histogram_layer = next(iter(find_linears(blocks[0], prefix=f"{path}.0")))
+        histogram_layer = next(iter(model_linears(model)))
 
     phase_errors: dict[str, dict[str, float]] = {}
     kept: list[str] = []

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import make_tiny
 from sdsx.cli import main

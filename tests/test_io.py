@@ -21,16 +21,12 @@ from sdsx.io import (
     load_masks,
     save_pruned,
 )
-from sdsx.model.blocks import find_blocks, find_linears, get_weight, set_weight
+from sdsx.model.blocks import get_weight, model_linears, set_weight
 from test_zeroshot import tiny_tokenizer
 
 
 def linears(model):
-    blocks, path = find_blocks(model)
-    out = {}
-    for i, b in enumerate(blocks):
-        out.update(find_linears(b, prefix=f"{path}.{i}"))
-    return out
+    return model_linears(model)
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,12 @@ import torch
 from conftest import make_tiny, tiny_calib
 
 import sdsx
-from sdsx.model.blocks import find_blocks, find_linears, get_weight
+from sdsx.model.blocks import get_weight, model_linears
 from sdsx.pruners import SparsitySpec
 
 
 def _linears(model):
-    blocks, path = find_blocks(model)
-    out = {}
-    for i, b in enumerate(blocks):
-        out.update(find_linears(b, prefix=f"{path}.{i}"))
-    return out
+    return model_linears(model)
 
 
 def _check_pattern(model, spec):

@@ -37,9 +37,8 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn

@@ -16,6 +16,7 @@ __all__ = [
     "BLOCK_PATHS",
     "find_blocks",
     "find_linears",
+    "model_linears",
     "is_conv1d",
     "get_weight",
     "set_weight",
@@ -91,6 +92,15 @@ def find_linears(block: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
         if isinstance(module, nn.Linear) or is_conv1d(module):
             found[f"{prefix}.{name}" if prefix else name] = module
     return found
+
+
+def model_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable linear of every decoder block, by qualified name, in order."""
+    blocks, path = find_blocks(model)
+    out: dict[str, nn.Module] = {}
+    for index, block in enumerate(blocks):
+        out.update(find_linears(block, prefix=f"{path}.{index}"))
+    return out
 
 
 def in_features(module: nn.Module) -> int:
