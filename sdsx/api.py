@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -16,12 +17,13 @@ import torch
 from torch import nn
 
 from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, vocab_size
-from sdsx.model.driver import BlockDriver, DriverResult, LayerFn, as_batches
+from sdsx.checkpoint import Checkpoint, fingerprint_calibration, fingerprint_model
+from sdsx.model.driver import BlockDriver, BlockState, DriverResult, LayerFn, as_batches
 from sdsx.pruners import FactorCache, PruneResult, SparsitySpec, magnitude, sparsegpt, wanda
 
 log = logging.getLogger("sdsx")
 
-__all__ = ["METHODS", "LayerReport", "Plan", "PruneReport", "layer_function", "prune", "report_from", "run_driver", "validate"]
+__all__ = ["METHODS", "LayerReport", "Plan", "PruneReport", "layer_function", "open_checkpoint", "prune", "report_from", "run_driver", "validate"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -270,13 +272,38 @@ def run_driver(
     desc: str,
     batch_size: int = 1,
     driver_options: dict[str, Any] | None = None,
+    checkpoint: Checkpoint | None = None,
+    pass_name: str = "prune",
+    state: BlockState | None = None,
 ) -> DriverResult:
     """Run the block-sequential driver for a validated plan (shared by every pruning entry point)."""
     driver = BlockDriver(
         model, device=device, offload=offload, stats=stats, batch_size=batch_size, progress=progress, desc=desc,
         **(driver_options or {}),
     )
-    return driver.run(plan.batches if stats != "none" else None, layer_fn)
+    return driver.run(plan.batches if stats != "none" else None, layer_fn, checkpoint=checkpoint, pass_name=pass_name, state=state)
+
+
+def open_checkpoint(
+    checkpoint_dir: str | os.PathLike | None,
+    model: nn.Module,
+    plan: Plan,
+    options: dict[str, Any],
+    save_activations: bool | None = None,
+) -> Checkpoint | None:
+    """Open (or start) the checkpoint of this run in ``checkpoint_dir``; None when not asked for.
+
+    The fingerprint is the model's weights and config, the calibration token ids and ``options``
+    (everything that changes the result); a checkpoint of another run is refused with what differs.
+    """
+    if checkpoint_dir is None:
+        return None
+    fingerprint = {
+        "model": fingerprint_model(model),
+        "calibration": fingerprint_calibration(plan.batches),
+        "options": dict(options, sparsity=str(plan.spec)),
+    }
+    return Checkpoint.open(checkpoint_dir, fingerprint, save_activations=save_activations)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -293,6 +320,8 @@ def prune(
     progress: bool = True,
     report_error: bool = True,
     batch_size: int = 1,
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_activations: bool | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block of ``model`` in place, in one shot.
 
@@ -313,6 +342,12 @@ def prune(
         report_error: compute every layer's reconstruction error tr(D H D^T); for Wanda and
             magnitude this needs the full H (one more GEMM per input), so False makes them cheaper.
         batch_size: calibration sequences per block forward call.
+        checkpoint_dir: save the run's state there after every block, and resume from it: a
+            re-run with the same model, calibration and options after an interruption continues
+            at the first unfinished block and ends with the same weights (see
+            :mod:`sdsx.checkpoint`). The folder is left in place; remove it when done.
+        save_activations: whether the checkpoint stores the next block's inputs (default: when
+            they take at most 2 GiB; otherwise a resume re-runs the finished blocks).
     Returns:
         A :class:`PruneReport`.
     """
@@ -326,15 +361,15 @@ def prune(
     plan = validate(model, calib, spec, need_calib=stats != "none", batch_size=batch_size)
     if stats == "none" and plan.batches is not None:
         plan = Plan(plan.spec, None)
+    options = dict(blocksize=blocksize, percdamp=percdamp, offload=offload, report_error=report_error, batch_size=batch_size)
+    fingerprint_options = {k: v for k, v in options.items() if k != "offload"}  # offload moves data, changes nothing
+    checkpoint = open_checkpoint(checkpoint_dir, model, plan, dict(fingerprint_options, method=method), save_activations)
     result = run_driver(
         model, plan, layer_fn, stats, device=device, offload=offload, progress=progress,
-        desc=f"{method} {spec}", batch_size=batch_size,
+        desc=f"{method} {spec}", batch_size=batch_size, checkpoint=checkpoint,
     )
-    report = report_from(
-        result, method, spec,
-        dict(blocksize=blocksize, percdamp=percdamp, offload=offload, report_error=report_error, batch_size=batch_size),
-    )
-    report.total_s = time.perf_counter() - start
+    report = report_from(result, method, spec, options)
+    report.total_s = max(result.total_s, time.perf_counter() - start)  # a resumed run includes its earlier part
     if plan.batches is not None:
         report.nsamples = sum(b.shape[0] for b in plan.batches)
         report.tokens = sum(b.numel() for b in plan.batches)

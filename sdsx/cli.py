@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import json
 import logging
 import os
 import re
@@ -467,7 +468,9 @@ def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _run_method(model: Any, calib: Any, method: str, sparsity: str, args: argparse.Namespace, device: Any) -> Any:
+def _run_method(
+    model: Any, calib: Any, method: str, sparsity: str, args: argparse.Namespace, device: Any, checkpoint_dir: Any = None
+) -> Any:
     """Prune ``model`` in place; ``method`` is magnitude/wanda/sparsegpt or sds-<pruner>."""
     progress = not args.no_progress
     if method.startswith("sds"):
@@ -476,11 +479,11 @@ def _run_method(model: Any, calib: Any, method: str, sparsity: str, args: argpar
         pruner = method.split("-", 1)[1] if "-" in method else args.pruner
         return sds_prune(
             model, calib, sparsity, pruner, schedule=args.schedule, early_exit_params=args.early_exit_params,
-            device=device, progress=progress, **_sds_overrides(args),
+            device=device, progress=progress, checkpoint_dir=checkpoint_dir, **_sds_overrides(args),
         )
     from sdsx.api import prune
 
-    kwargs = {}
+    kwargs: dict[str, Any] = {"checkpoint_dir": checkpoint_dir}
     if args.blocksize is not None:
         kwargs["blocksize"] = args.blocksize
     if args.percdamp is not None:
@@ -532,7 +535,34 @@ def _check_inputs(args: argparse.Namespace, calib: bool) -> None:
         )
 
 
+_DENSE_EVAL = "dense-eval.json"
+
+
+def _dense_eval(evaluate: "_Evaluator", model: Any, device: Any, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """The dense model's evaluation; with --out it is kept in the checkpoint folder, so that a
+    resumed run does not evaluate the dense model again."""
+    key = {"model": label, "ppl": evaluate.ppl_source, "ppl_seqlen": args.ppl_seqlen, "max_windows": args.max_windows,
+           "tasks": evaluate.tasks, "limit": args.limit, "harness": args.harness}
+    cache = Path(args.out).expanduser() / "checkpoint" / _DENSE_EVAL if args.out is not None else None
+    if cache is not None and cache.is_file():
+        try:
+            stored = json.loads(cache.read_text(encoding="utf-8"))
+            if stored.get("key") == json.loads(json.dumps(key)):
+                log.info("dense evaluation taken from the checkpoint in %s", args.out)
+                return stored["result"]
+        except (OSError, ValueError):
+            pass
+    result = evaluate(model, device)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.write_text(json.dumps({"key": key, "result": result}, default=float), encoding="utf-8")
+        os.replace(tmp, cache)
+    return result
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
+    from sdsx.checkpoint import Checkpoint, CheckpointMismatch
     from sdsx.io import check_out_dir, save_pruned
 
     method = args.method
@@ -540,7 +570,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.out is not None:
         state = check_out_dir(args.out, args.overwrite)
         if state == "checkpoint":
-            log.info("--out %s holds an sdsx checkpoint: writing into it", args.out)
+            log.info("--out %s holds an sdsx checkpoint: resuming from it", args.out)
     device = _device(args.device)
     _check_inputs(args, calib=True)
     model, tok, meta, label = load_model(args.model, args.dtype)
@@ -550,12 +580,19 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     calib, calib_desc = _calibration(args, tok)
 
     rows = []
-    dense = evaluate(model, device) if not evaluate.empty else {}
+    dense = _dense_eval(evaluate, model, device, args, label) if not evaluate.empty else {}
     if dense:
         rows.append(_row(label, "dense", "0", dense, evaluate.ppl_name))
     t0 = time.perf_counter()
-    report = _run_method(model, calib, full_method, args.sparsity, args, device)
-    seconds = time.perf_counter() - t0
+    try:
+        report = _run_method(model, calib, full_method, args.sparsity, args, device, checkpoint_dir=args.out)
+    except CheckpointMismatch:
+        if not args.overwrite:
+            raise
+        log.warning("--overwrite: discarding the checkpoint of another run in %s", args.out)
+        Checkpoint(args.out, {}).remove()
+        report = _run_method(model, calib, full_method, args.sparsity, args, device, checkpoint_dir=args.out)
+    seconds = max(time.perf_counter() - t0, report.total_s)
     pruned = evaluate(model, device) if not evaluate.empty else {}
     rows.append(_row(label, full_method, args.sparsity, pruned, evaluate.ppl_name, seconds))
 
@@ -573,6 +610,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from sdsx.report import write_report
 
     write_report(report_dir, rows, [report], meta=run_meta, title=f"sdsx prune {label}: {full_method} {args.sparsity}")
+    if args.out is not None:
+        Checkpoint(args.out, {}).remove()  # everything is saved: the folder is a finished model now
     _print_table(rows)
     print(f"report: {report_dir}" + (f"\nmodel: {args.out}" if args.out else ""))
     return 0
@@ -703,6 +742,17 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def torch_oom() -> type[BaseException]:
+    """torch.OutOfMemoryError when torch is already imported (a command got that far), else a
+    placeholder that matches nothing; importing torch just for this would slow down --help."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", _NeverRaised) if torch is not None else _NeverRaised
+
+
+class _NeverRaised(Exception):
+    pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error, 130 interrupted)."""
     parser = build_parser()
@@ -723,7 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdsx: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, PatternError, ValueError, TypeError, OSError, ImportError, ConnectionError) as exc:
+    except (CLIError, PatternError, ValueError, TypeError, OSError, ImportError, ConnectionError, FloatingPointError,
+            torch_oom()) as exc:
         if args.debug:
             raise
         print(f"sdsx {args.command}: error: {_one_line(exc)}", file=sys.stderr)

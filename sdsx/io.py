@@ -17,6 +17,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from sdsx.checkpoint import MANIFEST
+from sdsx.checkpoint import SUBDIR as CHECKPOINT_SUBDIR
+
 log = logging.getLogger("sdsx")
 
 __all__ = [
@@ -36,7 +39,7 @@ __all__ = [
 META_NAME = "sdsx.json"
 MASKS_NAME = "masks.safetensors"
 #: a folder holding this file is an unfinished run's checkpoint, which the run may write into
-CHECKPOINT_MARKER = "sdsx-checkpoint.json"
+CHECKPOINT_MARKER = MANIFEST
 FORMAT = "sdsx-pruned-model"
 FORMAT_VERSION = 1
 
@@ -63,8 +66,8 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> str:
         raise NotADirectoryError(f"output path {p} exists and is not a folder")
     if not any(p.iterdir()):
         return "empty"
-    if (p / CHECKPOINT_MARKER).is_file():
-        return "checkpoint"
+    if (p / CHECKPOINT_MARKER).is_file() or {c.name for c in p.iterdir()} <= {CHECKPOINT_SUBDIR, MANIFEST + ".tmp"}:
+        return "checkpoint"  # a run of ours, possibly killed before its first checkpoint was complete
     if overwrite:
         return "overwrite"
     raise FileExistsError(f"output folder {p} is not empty; pass --overwrite (overwrite=True) to replace it, or choose another folder")

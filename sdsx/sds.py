@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from sdsx.api import PruneReport, report_from, run_driver, validate
+from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, validate
 from sdsx.model.blocks import get_weight, model_linears
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error
 from sdsx.pruners.sds import (
@@ -111,6 +112,32 @@ def _check_not_sparse(model: nn.Module, spec: SparsitySpec) -> None:
             )
 
 
+class _SDSState:
+    """SDS's side state (per-layer phase errors, layers that kept phase 1, the histogram layer's
+    weights after each phase), saved and restored with each block by a checkpointed run."""
+
+    def __init__(self, histogram_layer: str, on_restore: Callable[[str, torch.Tensor, dict[str, float]], None] | None = None) -> None:
+        self.histogram_layer = histogram_layer
+        self.phase_errors: dict[str, dict[str, float]] = {}
+        self.kept: list[str] = []
+        self.snaps: dict[str, torch.Tensor] = {}
+        self.on_restore = on_restore
+
+    def save(self, index: int, names: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        data = {"errors": {n: self.phase_errors[n] for n in names if n in self.phase_errors}, "kept": [n for n in self.kept if n in names]}
+        tensors = {f"snap.{k}": v for k, v in self.snaps.items()} if self.histogram_layer in names else {}
+        return data, tensors
+
+    def restore(self, index: int, data: dict[str, Any], tensors: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+        for name, errors in data.get("errors", {}).items():
+            self.phase_errors.setdefault(name, {}).update(errors)
+        self.kept.extend(n for n in data.get("kept", []) if n not in self.kept)
+        self.snaps.update({k[len("snap."):]: v for k, v in tensors.items() if k.startswith("snap.")})
+        if self.on_restore is not None:
+            for name, W in weights.items():
+                self.on_restore(name, W, self.phase_errors.get(name, {}))
+
+
 def sds_prune(
     model: nn.Module,
     calib: torch.Tensor | Sequence[torch.Tensor],
@@ -125,6 +152,8 @@ def sds_prune(
     offload: bool = True,
     progress: bool = True,
     batch_size: int = 1,
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_activations: bool | None = None,
     **overrides: Any,
 ) -> SDSReport:
     """Prune ``model`` in place with Sparse-Dense-Sparse.
@@ -141,7 +170,9 @@ def sds_prune(
             (the paper's early exit above ~3B); ``float("inf")`` never skips.
         histogram_layer: the linear (qualified name) whose weights are histogrammed after each
             phase; default the first block's first linear.
-        device, offload, progress, batch_size: as for :func:`sdsx.prune`.
+        device, offload, progress, batch_size, checkpoint_dir, save_activations: as for
+            :func:`sdsx.prune`; a checkpointed run saves after every block of every pass (the
+            phased schedule's three passes each) and resumes at the first unfinished one.
     Returns:
         An :class:`SDSReport`.
     """
@@ -165,13 +196,15 @@ def sds_prune(
     if histogram_layer is None:
         histogram_layer = next(iter(model_linears(model)))
 
-    phase_errors: dict[str, dict[str, float]] = {}
-    kept: list[str] = []
-    snaps: dict[str, torch.Tensor] = {}
-    common = dict(device=device, offload=offload, progress=progress, batch_size=batch_size)
+    checkpoint = open_checkpoint(
+        checkpoint_dir, model, plan, dict(opts.to_dict(), schedule=schedule, batch_size=batch_size), save_activations
+    )
+    common = dict(device=device, offload=offload, progress=progress, batch_size=batch_size, checkpoint=checkpoint)
 
     if schedule == "interleaved":
         shared = SharedH(opts)
+        state = _SDSState(histogram_layer)
+        phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
 
         def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
             res = sds_layer(W, H, spec, opts, name=name, keep_weights=name == histogram_layer, shared=shared)
@@ -183,17 +216,18 @@ def sds_prune(
                 snaps.update({k: v for k, v in res.weights.items() if k in PHASES})
             return res.result
 
-        result = run_driver(model, plan, layer_fn, "full", desc=f"sds-{opts.pruner} {spec}", **common)
+        result = run_driver(model, plan, layer_fn, "full", desc=f"sds-{opts.pruner} {spec}", pass_name="sds", state=state, **common)
         passes = 1
     else:
-        result, passes = _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps, common)
+        result, passes, state = _phased(model, plan, spec, opts, histogram_layer, common)
+        phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
 
     report = report_from(result, f"sds-{opts.pruner}", spec, dict(opts.to_dict(), schedule=schedule))
     report = SDSReport(**vars(report), schedule=schedule, passes=passes, phase_errors=phase_errors, kept_phase1=kept)
     report.histogram_layer = histogram_layer
     if snaps:
         report.histograms = _histograms(snaps)
-    report.total_s = time.perf_counter() - start
+    report.total_s = max(result.total_s, time.perf_counter() - start)  # a resumed run includes its earlier part
     log.info(
         "sds-%s %s: %.1fs, final error below phase 1's on %d of %d layers",
         opts.pruner, spec, report.total_s, report.improved_layers, len(phase_errors),
@@ -201,14 +235,21 @@ def sds_prune(
     return report
 
 
-def _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps, common):
-    """The paper's schedule: three calibration passes; the dense weights are kept on CPU meanwhile."""
-    dense: dict[str, torch.Tensor] = {}
+def _phased(model, plan, spec, opts, histogram_layer, common):
+    """The paper's schedule: three calibration passes; the dense weights are kept on CPU meanwhile
+    (taken up front, so that a resumed run has them for blocks it restores rather than prunes)."""
+    dense = {name: get_weight(m).detach().to("cpu", copy=True) for name, m in model_linears(model).items()}
     first: dict[str, PruneResult] = {}
     shared = SharedH(opts)
 
+    def remember_first(name: str, W: torch.Tensor, errors: dict[str, float]) -> None:
+        W = W.detach().to("cpu", copy=True)
+        first[name] = PruneResult(W, W != 0, errors.get("sparse", float("nan")))
+
+    state = _SDSState(histogram_layer, on_restore=remember_first)
+    phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
+
     def sparse_fn(name, W, H):
-        dense[name] = W.detach().to("cpu", copy=True)
         res = _one_shot(opts.pruner, W, H, spec, opts, name, shared(H).factor)
         first[name] = PruneResult(res.weight.to("cpu", copy=True), res.mask.cpu(), res.loss)
         phase_errors[name] = {"sparse": res.loss}
@@ -216,7 +257,8 @@ def _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps,
             snaps.update(dense=dense[name].float(), sparse=res.weight.float().cpu())
         return res
 
-    r1 = run_driver(model, plan, sparse_fn, "full", desc=f"sds 1/3 sparse {spec}", **common)
+    r1 = run_driver(model, plan, sparse_fn, "full", desc=f"sds 1/3 sparse {spec}", pass_name="sds-sparse", state=state, **common)
+    state.on_restore = None  # later passes restore their own weights, not phase 1's
     if opts.redense:
 
         def dense_fn(name, W, H):
@@ -229,7 +271,7 @@ def _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps,
                 snaps["redense"] = new.cpu().clone()
             return PruneResult(new.to(W.dtype), torch.ones_like(new, dtype=torch.bool), phase_errors[name]["dense"])
 
-        r2 = run_driver(model, plan, dense_fn, "full", desc=f"sds 2/3 dense {spec}", **common)
+        r2 = run_driver(model, plan, dense_fn, "full", desc=f"sds 2/3 dense {spec}", pass_name="sds-dense", state=state, **common)
 
     def final_fn(name, W, H):
         Wd = dense[name].to(W.device).float()
@@ -251,11 +293,11 @@ def _phased(model, plan, spec, opts, histogram_layer, phase_errors, kept, snaps,
             snaps["final"] = new.float().cpu().clone()
         return PruneResult(new.to(W.dtype), mask, err)
 
-    r3 = run_driver(model, plan, final_fn, "full", desc=f"sds 3/3 sparse {spec}", **common)
+    r3 = run_driver(model, plan, final_fn, "full", desc=f"sds 3/3 sparse {spec}", pass_name="sds-final", state=state, **common)
     passes = 3 if opts.redense else 2
     # one record per layer (the last pass's), timings summed over the passes
     for earlier in (r1, r2) if opts.redense else (r1,):
         r3.forward_s += earlier.forward_s
         r3.stats_s += earlier.stats_s
         r3.solver_s += earlier.solver_s
-    return r3, passes
+    return r3, passes, state

@@ -164,13 +164,50 @@ def test_compare_restores_dense_weights_between_runs(files, tmp_path, capsys):
     assert (rep / "layer_errors.png").is_file() and (rep / "report.md").is_file()
 
 
-def test_out_into_a_checkpoint_folder_is_accepted(files, tmp_path, capsys):
-    out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / CHECKPOINT_MARKER).write_text("{}")
-    (out / "partial.bin").write_text("")
-    assert main(["prune", *base(files, "--method", "magnitude", "--out", str(out), "--ppl", "none")]) == 0
-    assert (out / META_NAME).is_file()
+def test_killed_prune_resumes_from_its_out_folder(files, tmp_path, capsys):
+    """`sdsx prune --out DIR` killed mid-run (SIGKILL) leaves a checkpoint in DIR; the same command
+    again resumes from it (no --overwrite needed), ends with the weights of an uninterrupted run
+    and removes the checkpoint."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    args = base(files, "--method", "sds", "--dense-iters", "4", "--adjust-iters", "2", "--ppl", "none")
+    whole = tmp_path / "whole"
+    assert main(["prune", *args, "--out", str(whole)]) == 0
+    assert not (whole / CHECKPOINT_MARKER).exists() and not (whole / "checkpoint").exists()
+
+    out = tmp_path / "resumed"
+    env = dict(os.environ, SDSX_KILL_AT="layer:9")
+    proc = subprocess.run([sys.executable, "-m", "sdsx", "prune", *args, "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (out / CHECKPOINT_MARKER).is_file() and not (out / META_NAME).exists()
+    capsys.readouterr()
+    assert main(["prune", *[a for a in args if a != "-q"], "--out", str(out)]) == 0
+    assert "restored from the checkpoint" in capsys.readouterr().err
+    assert not (out / CHECKPOINT_MARKER).exists() and not (out / "checkpoint").exists()
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_checkpoint_of_another_run_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "other"
+    stop = base(files, "--method", "wanda", "--ppl", "none")
+    env_args = ["prune", *stop, "--out", str(out)]
+    import os
+    import signal
+
+    proc = subprocess.run([sys.executable, "-m", "sdsx", *env_args], env=dict(os.environ, SDSX_KILL_AT="layer:3"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["prune", *base(files, "--method", "sparsegpt", "--ppl", "none"), "--out", str(out)]) == 1
+    one_line_error(capsys.readouterr().err, r"belongs to another run: options differ \(method='wanda' there, 'sparsegpt' now\)")
+    # --overwrite starts over
+    assert main(["prune", *base(files, "--method", "sparsegpt", "--ppl", "none"), "--out", str(out), "--overwrite"]) == 0
+    assert (out / META_NAME).is_file() and not (out / CHECKPOINT_MARKER).exists()
 
 
 def test_overwrite(files, tmp_path, capsys):

@@ -13,18 +13,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
+from sdsx.checkpoint import _fault
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, set_weight
 from sdsx.pruners.base import PruneResult
 from sdsx.stats import GramAccumulator
 
+if TYPE_CHECKING:
+    from sdsx.checkpoint import Checkpoint
+
 log = logging.getLogger("sdsx")
 
-__all__ = ["BlockDriver", "DriverResult", "LayerRecord", "LayerFn", "STAT_KINDS", "as_batches"]
+__all__ = ["BlockDriver", "BlockState", "DriverResult", "LayerRecord", "LayerFn", "STAT_KINDS", "as_batches"]
 
 #: ``layer_fn(qualified_name, weight (out, in) on the compute device, H or None) -> PruneResult``;
 #: H is the (in, in) Gram matrix X X^T / T, or its diagonal (in,) with ``stats="diag"``, or None
@@ -34,6 +38,18 @@ __all__ = ["BlockDriver", "DriverResult", "LayerRecord", "LayerFn", "STAT_KINDS"
 LayerFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], "PruneResult | None"]
 
 STAT_KINDS = ("full", "diag", "none")
+_TIMINGS = ("forward_s", "stats_s", "solver_s", "total_s")
+
+
+class BlockState(Protocol):
+    """What a layer function keeps besides the weights (e.g. SDS's per-phase errors), so that a
+    resumed run restores it: ``save`` is called after each block with the names of its linears and
+    returns (JSON-able dict, tensors); ``restore`` gets them back, with the block's restored
+    (out, in) weights, for every finished block in order."""
+
+    def save(self, index: int, names: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+
+    def restore(self, index: int, data: dict[str, Any], tensors: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -379,24 +395,42 @@ class BlockDriver:
             )
         return acc_of
 
-    def _propagate(self, block: nn.Module, buffer: list[torch.Tensor], arguments: dict, result: DriverResult) -> None:
+    def _propagate(self, block: nn.Module, buffer: list[torch.Tensor], arguments: dict, result: DriverResult, index: int = -1) -> None:
         """Replace every batch in ``buffer`` with the block's output on it (each batch depends
         only on itself, so the buffer is overwritten in place: no second buffer)."""
-        for x in buffer:
+        for number, x in enumerate(buffer):
             t0 = self._now()
             out = self._call(block, x.to(self.device), arguments)
+            if not bool(torch.isfinite(out).all()):
+                raise FloatingPointError(
+                    f"block {index} ({self.path}.{index}) produced NaN/Inf outputs on calibration batch {number}; "
+                    "its weights or the model's dtype overflowed (try float32 or bfloat16 instead of float16)"
+                )
             x.copy_(out)
             result.forward_s += self._now() - t0
 
     # ------------------------------------------------------------------ the run
     @torch.no_grad()
-    def run(self, calib: torch.Tensor | Sequence[torch.Tensor] | None, layer_fn: LayerFn) -> DriverResult:
+    def run(
+        self,
+        calib: torch.Tensor | Sequence[torch.Tensor] | None,
+        layer_fn: LayerFn,
+        *,
+        checkpoint: "Checkpoint | None" = None,
+        pass_name: str = "prune",
+        state: BlockState | None = None,
+    ) -> DriverResult:
         """Apply ``layer_fn`` to every linear of every block, in place.
 
         Args:
             calib: (nsamples, seqlen) token ids, or a list of such tensors; may be None when
                 ``stats="none"``.
             layer_fn: see :data:`LayerFn`.
+            checkpoint: an open :class:`sdsx.checkpoint.Checkpoint`: blocks it lists as finished
+                for ``pass_name`` are restored instead of recomputed, and every block finished
+                now is saved to it.
+            pass_name: the checkpoint's name for this pass over the blocks.
+            state: the layer function's side state to save and restore with each block.
         Returns:
             A :class:`DriverResult` with per-layer records, split timings and peak memory.
         """
@@ -409,26 +443,101 @@ class BlockDriver:
         self.model.eval()  # dropout would make statistics and outputs random
         buffer: list[torch.Tensor] = []
         arguments: dict[tuple, tuple] = {}
+        first = self._restore_finished(checkpoint, pass_name, state, result) if checkpoint is not None else 0
+        prior_total = result.total_s
         try:
-            if self.stats != "none":
-                if calib is None:
-                    raise ValueError(f"stats={self.stats!r} needs calibration token ids")
-                batches = as_batches(calib, self.batch_size)
-                result.nsamples = sum(b.shape[0] for b in batches)
-                result.tokens = sum(b.numel() for b in batches)
-                t0 = self._now()
-                buffer, arguments = self.capture(batches)
-                result.forward_s += self._now() - t0
-                memory.add(_nbytes(buffer) + _nbytes(arguments))
-            self._blocks(buffer, arguments, layer_fn, result, memory)
+            if first < len(self.blocks):
+                if self.stats != "none":
+                    if calib is None:
+                        raise ValueError(f"stats={self.stats!r} needs calibration token ids")
+                    batches = as_batches(calib, self.batch_size)
+                    result.nsamples = sum(b.shape[0] for b in batches)
+                    result.tokens = sum(b.numel() for b in batches)
+                    t0 = self._now()
+                    buffer, arguments = self.capture(batches)
+                    result.forward_s += self._now() - t0
+                    memory.add(_nbytes(buffer) + _nbytes(arguments))
+                    self._warn_rank(result.tokens)
+                    if first:
+                        self._resume_inputs(checkpoint, pass_name, first, buffer, arguments, result)
+                self._blocks(buffer, arguments, layer_fn, result, memory, first, checkpoint, pass_name, state, start, prior_total)
+            if checkpoint is not None:
+                checkpoint.finish_pass(pass_name)
         finally:
             buffer.clear()
             self.model.train(training)
-        result.total_s = self._now() - start
+        result.total_s = prior_total + self._now() - start
         result.peak_tracked_bytes = memory.peak
         if self.device.type == "cuda":
             result.cuda_peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
         return result
+
+    def _warn_rank(self, tokens: int) -> None:
+        widest = max((in_features(m) for b in self.blocks for m in find_linears(b).values()), default=0)
+        if self.stats == "full" and tokens < widest:
+            log.warning(
+                "%s: %d calibration tokens for layers with up to %d inputs: their Hessians are rank-deficient "
+                "(rank <= %d); damping keeps them invertible, but more calibration tokens will prune better",
+                self.desc, tokens, widest, tokens,
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _restore_finished(self, checkpoint: "Checkpoint", pass_name: str, state: BlockState | None, result: DriverResult) -> int:
+        """Load the weights (and records, and side state) of the blocks the checkpoint lists as
+        finished for this pass; returns how many."""
+        done = checkpoint.finished(pass_name)
+        if done > len(self.blocks):
+            raise ValueError(f"the checkpoint lists {done} finished blocks but the model has {len(self.blocks)}")
+        for index in range(done):
+            block = self.blocks[index]
+            tensors, record = checkpoint.load_block(pass_name, index)
+            block.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("w.")}, strict=True)
+            result.layers.extend(LayerRecord(**dict(r, shape=tuple(r["shape"]))) for r in record.get("layers", []))
+            if state is not None:
+                linears = find_linears(block, prefix=f"{self.path}.{index}")
+                weights = {n: get_weight(m) for n, m in linears.items()}
+                state.restore(index, record.get("state", {}), {k[2:]: v for k, v in tensors.items() if k.startswith("s.")}, weights)
+        for key, value in checkpoint.timings(pass_name).items():
+            if key in _TIMINGS:
+                setattr(result, key, float(value))
+        if done:
+            log.info("%s: %d of %d blocks restored from the checkpoint", self.desc, done, len(self.blocks))
+        return done
+
+    def _resume_inputs(
+        self, checkpoint: "Checkpoint", pass_name: str, first: int, buffer: list[torch.Tensor], arguments: dict, result: DriverResult
+    ) -> None:
+        """Make ``buffer`` the inputs of block ``first``: the stored activations when the checkpoint
+        has them, else block 0's inputs re-run through the restored blocks 0 .. first-1."""
+        stored = checkpoint.load_activations(pass_name)
+        if stored is not None and len(stored) == len(buffer) and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(stored, buffer)):
+            for x, saved in zip(buffer, stored):
+                x.copy_(saved)
+            return
+        from tqdm.auto import tqdm
+
+        for index in tqdm(range(first), desc=f"{self.desc} (recomputing inputs)", unit="block", disable=not self.progress, leave=False):
+            block = self.blocks[index]
+            home = next(block.parameters()).device
+            block.to(self.device)
+            self._propagate(block, buffer, arguments, result, index)
+            block.to(home)
+
+    def _save_block(
+        self, checkpoint: "Checkpoint", pass_name: str, index: int, block: nn.Module, names: list[str],
+        buffer: list[torch.Tensor], state: BlockState | None, result: DriverResult, total_s: float,
+    ) -> None:
+        tensors = {f"w.{k}": v for k, v in block.state_dict().items()}
+        data: dict[str, Any] = {}
+        if state is not None:
+            data, extra = state.save(index, names)
+            tensors.update({f"s.{k}": v for k, v in extra.items()})
+        layers = [dict(asdict(r), shape=list(r.shape)) for r in result.layers if r.block == index]
+        timings = {k: getattr(result, k) for k in _TIMINGS[:3]}
+        timings["total_s"] = total_s
+        last = index + 1 == len(self.blocks)
+        acts = buffer if buffer and not last and checkpoint.wants_activations(buffer) else None
+        checkpoint.save_block(pass_name, index, tensors, {"layers": layers, "state": data}, timings, acts)
 
     def _blocks(
         self,
@@ -437,30 +546,43 @@ class BlockDriver:
         layer_fn: LayerFn,
         result: DriverResult,
         memory: _Memory,
+        first: int = 0,
+        checkpoint: "Checkpoint | None" = None,
+        pass_name: str = "prune",
+        state: BlockState | None = None,
+        start: float = 0.0,
+        prior_total: float = 0.0,
     ) -> None:
         from tqdm.auto import tqdm
 
         count = len(self.blocks)
-        bar = tqdm(total=count, desc=self.desc, unit="block", disable=not self.progress, leave=False)
+        bar = tqdm(total=count, initial=first, desc=self.desc, unit="block", disable=not self.progress, leave=False)
         try:
-            for index, block in enumerate(self.blocks):
+            for index in range(first, count):
+                block = self.blocks[index]
                 f0, s0, p0 = result.forward_s, result.stats_s, result.solver_s
                 home = next(block.parameters()).device
                 block.to(self.device)
                 block_bytes = _module_bytes(block)
                 memory.add(block_bytes)
                 linears = find_linears(block, prefix=f"{self.path}.{index}")
-                accs: dict[str, Any] = {}
-                if self.stats != "none":
-                    accs = self._statistics(block, linears, buffer, arguments, result, memory)
-                self._solve(index, linears, accs, layer_fn, result, memory)
-                for acc in {id(a): a for a in accs.values()}.values():
-                    memory.sub(_nbytes(vars(acc)))
-                accs.clear()
-                if buffer and index + 1 < count:  # the last block's outputs are never used
-                    self._propagate(block, buffer, arguments, result)
+                try:
+                    accs: dict[str, Any] = {}
+                    if self.stats != "none":
+                        accs = self._statistics(block, linears, buffer, arguments, result, memory)
+                    self._solve(index, linears, accs, layer_fn, result, memory)
+                    for acc in {id(a): a for a in accs.values()}.values():
+                        memory.sub(_nbytes(vars(acc)))
+                    accs.clear()
+                    if buffer and index + 1 < count:  # the last block's outputs are never used
+                        self._propagate(block, buffer, arguments, result, index)
+                except torch.OutOfMemoryError as exc:
+                    raise torch.OutOfMemoryError(self._oom_message(index, buffer, block_bytes, linears, exc)) from exc
                 block.to(home)
                 memory.sub(block_bytes)
+                if checkpoint is not None:
+                    self._save_block(checkpoint, pass_name, index, block, list(linears), buffer, state, result,
+                                     prior_total + self._now() - start)
                 bar.update(1)
                 bar.set_postfix(fwd=f"{result.forward_s:.1f}s", stats=f"{result.stats_s:.1f}s", solve=f"{result.solver_s:.1f}s")
                 log.info(
@@ -475,6 +597,23 @@ class BlockDriver:
                 )
         finally:
             bar.close()
+
+    def _oom_message(self, index: int, buffer: list[torch.Tensor], block_bytes: int, linears: dict[str, nn.Module], exc: BaseException) -> str:
+        mib = 2**20
+        act = _nbytes(buffer)
+        widest = max((in_features(m) for m in linears.values()), default=0)
+        hints = []
+        if buffer and buffer[0].device.type == self.device.type and self.device.type != "cpu":
+            hints.append("offload=True (--offload) keeps the calibration activations on CPU between blocks")
+        if buffer:
+            hints.append(f"a smaller batch_size (now {self.batch_size}) or fewer/shorter calibration samples shrink the per-call activations")
+        hints.append("device='cpu' runs the blocks on the CPU")
+        return (
+            f"out of memory on {self.device} in block {index} ({self.path}.{index}): the block takes {block_bytes / mib:.1f} MiB, "
+            f"the activations {act / mib:.1f} MiB on {buffer[0].device if buffer else self.store_device} "
+            f"({len(buffer)} batches of {tuple(buffer[0].shape) if buffer else ()}), the widest Gram matrix "
+            f"{widest * widest * 4 / mib:.1f} MiB; try: " + "; ".join(hints) + f" ({exc})"
+        )
 
     def _solve(
         self,
@@ -494,13 +633,21 @@ class BlockDriver:
                     H = finalized.get(id(acc))
                     if H is None:
                         t0 = self._now()
-                        H = finalized[id(acc)] = acc.finalize()
+                        try:
+                            H = finalized[id(acc)] = acc.finalize()
+                        except FloatingPointError as exc:
+                            raise FloatingPointError(f"{name}: {exc}; they come from the block's input or its own computation") from exc
                         memory.add(_nbytes(H))
                         result.stats_s += self._now() - t0
                 weight = get_weight(module)
+                if not bool(torch.isfinite(weight).all()):
+                    raise FloatingPointError(f"{name}: the weight holds NaN/Inf before pruning; the model is damaged")
+                _fault("layer")
                 t0 = self._now()
                 out = layer_fn(name, weight, H)
                 if out is not None:
+                    if not bool(torch.isfinite(out.weight).all()):
+                        raise FloatingPointError(f"{name}: the pruned weight holds NaN/Inf; the layer's statistics are degenerate")
                     memory.add(_nbytes(tuple(out)))
                     set_weight(module, out.weight)
                     memory.sub(_nbytes(tuple(out)))
