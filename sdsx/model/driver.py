@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sdsx.checkpoint import _fault
+from sdsx.numerics import all_finite
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, set_weight
 from sdsx.pruners.base import PruneResult
 from sdsx.stats import GramAccumulator
@@ -401,7 +402,7 @@ class BlockDriver:
         for number, x in enumerate(buffer):
             t0 = self._now()
             out = self._call(block, x.to(self.device), arguments)
-            if not bool(torch.isfinite(out).all()):
+            if not all_finite(out):
                 raise FloatingPointError(
                     f"block {index} ({self.path}.{index}) produced NaN/Inf outputs on calibration batch {number}; "
                     "its weights or the model's dtype overflowed (try float32 or bfloat16 instead of float16)"
@@ -640,13 +641,13 @@ class BlockDriver:
                         memory.add(_nbytes(H))
                         result.stats_s += self._now() - t0
                 weight = get_weight(module)
-                if not bool(torch.isfinite(weight).all()):
+                if not all_finite(weight):
                     raise FloatingPointError(f"{name}: the weight holds NaN/Inf before pruning; the model is damaged")
                 _fault("layer")
                 t0 = self._now()
                 out = layer_fn(name, weight, H)
                 if out is not None:
-                    if not bool(torch.isfinite(out.weight).all()):
+                    if not all_finite(out.weight):
                         raise FloatingPointError(f"{name}: the pruned weight holds NaN/Inf; the layer's statistics are degenerate")
                     memory.add(_nbytes(tuple(out)))
                     set_weight(module, out.weight)

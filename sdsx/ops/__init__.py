@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sdsx import _ext
+from sdsx.numerics import all_finite
 from sdsx.ops import reference
 
 __all__ = ["nm_mask", "topk_mask", "obs_sweep", "prox_step", "reference"]
@@ -25,7 +26,7 @@ def _check_float(name: str, t: torch.Tensor, dtypes=_FLOAT_TYPES) -> None:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or Inf); fix the input before pruning")
 

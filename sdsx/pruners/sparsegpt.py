@@ -7,6 +7,7 @@ import logging
 import torch
 
 from sdsx import ops
+from sdsx.numerics import all_finite
 from sdsx.pruners.base import PruneResult, reconstruction_error
 from sdsx.pruners.spec import SparsitySpec
 
@@ -44,7 +45,7 @@ def inverse_hessian_factor(
     """
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be square, got {tuple(H.shape)}")
-    if not bool(torch.isfinite(H).all()):
+    if not all_finite(H):
         raise ValueError(f"{name}: the Hessian holds NaN/Inf; check the calibration activations")
     if percdamp < 0:
         raise ValueError(f"percdamp must be >= 0, got {percdamp}")
@@ -66,7 +67,7 @@ def inverse_hessian_factor(
         R, info = torch.linalg.cholesky_ex(torch.flip(Hd, (0, 1)))
         if int(info) == 0:
             U = _inv_upper(torch.flip(R, (0, 1)).contiguous())
-            if bool(torch.isfinite(U).all()):
+            if all_finite(U):
                 if attempt:
                     log.warning("%s: Hessian not positive definite; damping raised to %.3g x mean(diag H)", name, damp)
                 return U, dead, damp

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from sdsx.numerics import all_finite
+
 __all__ = ["GramAccumulator"]
 
 
@@ -51,7 +53,7 @@ class GramAccumulator:
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens were seen by this layer")
         diag = self.sum if self.diag_only else torch.diagonal(self.sum)
-        if not bool(torch.isfinite(diag).all()):
+        if not all_finite(diag):
             bad = int((~torch.isfinite(diag)).sum())
             raise FloatingPointError(f"non-finite values (NaN/Inf, or overflow of x^2) in {bad} of the layer's {self.columns} input features")
         if self.diag_only or self.columns < 256:
