@@ -223,7 +223,10 @@ def _save_masks(model: nn.Module, path: Path) -> None:
         keep = (get_weight(module) != 0).cpu().numpy().reshape(-1)
         tensors[name] = torch.from_numpy(np.packbits(keep, bitorder="little"))
         shapes[name] = ",".join(str(s) for s in get_weight(module).shape)
-    save_file(tensors, str(path), metadata={"format": "sdsx-mask-bitmap-v1 (numpy.packbits, bitorder little, row-major (out, in); 1 = keep)", **shapes})
+    # One metadata entry holding sorted JSON: safetensors writes metadata from a hash map, so with
+    # several keys their order (and the file's bytes) would change from run to run.
+    info = {"format": "sdsx-mask-bitmap-v2 (numpy.packbits, bitorder little, row-major (out, in); 1 = keep)", "shapes": shapes}
+    save_file(tensors, str(path), metadata={"sdsx": json.dumps(info, sort_keys=True)})
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -239,6 +242,8 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     masks = {}
     with safe_open(str(p), framework="pt") as fh:
         shapes = fh.metadata() or {}
+        if "sdsx" in shapes:  # v2; v1 files keep one "out,in" entry per mask
+            shapes = json.loads(shapes["sdsx"]).get("shapes", {})
         for name in fh.keys():
             if name not in shapes:
                 raise ValueError(f"{p}: mask {name} has no shape in the file's metadata")

@@ -210,6 +210,22 @@ def test_checkpoint_of_another_run_is_refused(files, tmp_path, capsys):
     assert (out / META_NAME).is_file() and not (out / CHECKPOINT_MARKER).exists()
 
 
+def test_same_command_twice_writes_identical_weight_files(files, tmp_path):
+    """Reproducibility: the same command and seed give byte-identical weight files (sdsx.json
+    differs only in its timestamp and timings)."""
+    import hashlib
+
+    digests = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["prune", *base(files, "--method", "sds", "--pruner", "wanda", "--dense-iters", "4",
+                                    "--adjust-iters", "2", "--ppl", "none", "--save-masks"), "--out", str(out)]) == 0
+        digests.append({f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in ("model.safetensors", "masks.safetensors")})
+        meta = json.loads((out / META_NAME).read_text())
+        digests[-1]["layers"] = json.dumps(meta["layers"], sort_keys=True)
+    assert digests[0] == digests[1]
+
+
 def test_overwrite(files, tmp_path, capsys):
     out = tmp_path / "full"
     out.mkdir()
