@@ -101,7 +101,7 @@ def forced_reference():
             os.environ["SDSX_FORCE_REFERENCE"] = old
 
 
-def prune_reference(model, calib, method: str, pattern: str, blocksize: int, percdamp: float, progress: bool):
+def prune_reference(model, calib, method: str, pattern: str, blocksize: int, percdamp: float, progress: bool, device: str = "cpu"):
     from sdsx.api import Plan, report_from, run_driver, validate
     from sdsx.pruners import SparsitySpec
 
@@ -113,7 +113,7 @@ def prune_reference(model, calib, method: str, pattern: str, blocksize: int, per
         plan = Plan(spec, None)
     with forced_reference():
         result = run_driver(
-            model, plan, layer_fn, stats, device="cpu", offload=True, progress=progress,
+            model, plan, layer_fn, stats, device=device, offload=True, progress=progress,
             desc=f"reference {method} {spec}",
             driver_options=dict(accumulator=PublishedAccumulator, share_inputs=False),
         )
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ref-ppl", default="sparsegpt", help="methods whose reference-pruned model is also evaluated ('none' for none)")
     p.add_argument("--no-ppl", action="store_true", help="skip all perplexity evaluations (timing only)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where blocks run (cpu, cuda); the model itself stays on CPU")
     p.add_argument("--blocksize", type=int, default=128)
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--json", type=Path, default=None)
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.resume and json_path and json_path.is_file():
         old = json.loads(json_path.read_text())
         same = ("nsamples", "seqlen", "eval_seqlen", "max_windows", "seed", "threads", "blocksize", "percdamp", "wikitext", "calib")
-        if all(old["config"].get(k) == record["config"].get(k) for k in same):
+        if all(old["config"].get(k) == record["config"].get(k) for k in same) and old["config"].get("device", "cpu") == args.device:
             record["dense_ppl"] = old.get("dense_ppl")
             done = {(r["method"], r["pattern"]): r for r in old.get("runs", [])}
             say("resuming: dense %s, %d finished runs", record["dense_ppl"], len(done))
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return None
         t0 = time.perf_counter()
         value = perplexity(m, eval_ids, seqlen=args.eval_seqlen, batch_size=args.eval_batch_size,
-                           max_windows=args.max_windows, progress=args.progress)
+                           max_windows=args.max_windows, device=args.device, progress=args.progress)
         say("  perplexity %.3f (%.0fs)", value, time.perf_counter() - t0)
         return value
 
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             restore(model, dense)
             say("%s %s: sdsx", method, pattern)
             report = sdsx.prune(model, calib, method, pattern, blocksize=args.blocksize, percdamp=args.percdamp,
-                                device="cpu", report_error=False, progress=args.progress)
+                                device=args.device, report_error=False, progress=args.progress)
             run["sdsx"] = timings(report)
             say("  %s", run["sdsx"])
             run["ppl"] = ppl(model)
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 mine = snapshot(model)
                 restore(model, dense)
                 say("%s %s: reference", method, pattern)
-                ref = prune_reference(model, calib, method, pattern, args.blocksize, args.percdamp, args.progress)
+                ref = prune_reference(model, calib, method, pattern, args.blocksize, args.percdamp, args.progress, args.device)
                 run["reference"] = timings(ref)
                 say("  %s", run["reference"])
                 run.update(compare(mine, snapshot(model)))
