@@ -180,8 +180,10 @@ def test_killed_prune_resumes_from_its_out_folder(files, tmp_path, capsys):
 
     out = tmp_path / "resumed"
     env = dict(os.environ, SDSX_KILL_AT="layer:9")
+    # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the source tree's
+    # sdsx/ (without the built extension) would shadow the installed package
     proc = subprocess.run([sys.executable, "-m", "sdsx", "prune", *args, "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / CHECKPOINT_MARKER).is_file() and not (out / META_NAME).exists()
     capsys.readouterr()
@@ -200,7 +202,7 @@ def test_checkpoint_of_another_run_is_refused(files, tmp_path, capsys):
     import signal
 
     proc = subprocess.run([sys.executable, "-m", "sdsx", *env_args], env=dict(os.environ, SDSX_KILL_AT="layer:3"),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     capsys.readouterr()
     assert main(["prune", *base(files, "--method", "sparsegpt", "--ppl", "none"), "--out", str(out)]) == 1
