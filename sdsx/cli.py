@@ -44,13 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------------ data paths
-def data_root() -> Path | None:
-    """$SDSX_DATA, else ../shared/data next to the checkout when it exists."""
-    env = os.environ.get("SDSX_DATA")
-    if env:
-        return Path(env).expanduser()
-    here = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return here if here.is_dir() else None
+from sdsx.data.paths import data_root  # noqa: E402  (re-exported: the CLI's defaults live under it)
 
 
 def _default_file(rel: Path) -> Path | None:

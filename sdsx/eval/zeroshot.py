@@ -92,11 +92,14 @@ _HUB: dict[str, tuple[str, str | None, str]] = {
 # ------------------------------------------------------------------------------------------ data
 def default_data_dir() -> Path | None:
     """$SDSX_DATA/zeroshot, else <repo>/../shared/data/zeroshot when it exists, else None."""
-    root = os.environ.get("SDSX_DATA")
-    if root:
-        return Path(root).expanduser() / "zeroshot"
-    here = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "zeroshot"
-    return here if here.is_dir() else None
+    from sdsx.data.paths import data_root
+
+    root = data_root()
+    if root is None:
+        return None
+    if os.environ.get("SDSX_DATA"):
+        return root / "zeroshot"
+    return root / "zeroshot" if (root / "zeroshot").is_dir() else None
 
 
 def _fail(where: str, what: str) -> None:
