@@ -19,7 +19,13 @@ at::Tensor nm_mask_cpu(const at::Tensor& scores, int64_t n, int64_t m) {
   TORCH_CHECK_VALUE(all_finite(sp, s.numel()), "nm_mask: scores hold non-finite values (NaN or Inf)");
   bool* kp = keep.mutable_data_ptr<bool>();
   at::parallel_for(0, groups, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t g = b; g < e; ++g) select_group(sp + g * m, m, n, kp + g * m);
+    if (m == 4) {
+      for (int64_t g = b; g < e; ++g) select_group_fixed<4>(sp + g * 4, n, kp + g * 4);
+    } else if (m == 8) {
+      for (int64_t g = b; g < e; ++g) select_group_fixed<8>(sp + g * 8, n, kp + g * 8);
+    } else {
+      for (int64_t g = b; g < e; ++g) select_group(sp + g * m, m, n, kp + g * m);
+    }
   });
   return keep;
 }

@@ -48,6 +48,20 @@ inline void select_top(const float* s, int64_t len, int64_t n_keep, bool* keep, 
   }
 }
 
+// n largest of M entries for a compile-time M (the common 4 and 8): the same rank-by-counting rule
+// as select_group, with fully unrolled loops the compiler turns into branch-free compares (the
+// runtime-m loop was 2x slower per entry at m = 8 than at m = 4, and slower than torch.topk).
+template <int M>
+inline void select_group_fixed(const float* s, int64_t n, bool* keep) {
+  float v[M];
+  for (int k = 0; k < M; ++k) v[k] = s[k];
+  for (int k = 0; k < M; ++k) {
+    int rank = 0;
+    for (int j = 0; j < M; ++j) rank += (v[j] > v[k]) | ((v[j] == v[k]) & (j < k));
+    keep[k] = rank < n;
+  }
+}
+
 // n largest of m entries (small m): rank by counting, no allocation.
 inline void select_group(const float* s, int64_t m, int64_t n, bool* keep) {
   for (int64_t k = 0; k < m; ++k) {
