@@ -537,7 +537,9 @@ def _dense_eval(evaluate: "_Evaluator", model: Any, device: Any, args: argparse.
     resumed run does not evaluate the dense model again."""
     key = {"model": label, "ppl": evaluate.ppl_source, "ppl_seqlen": args.ppl_seqlen, "max_windows": args.max_windows,
            "tasks": evaluate.tasks, "limit": args.limit, "harness": args.harness}
-    cache = Path(args.out).expanduser() / "checkpoint" / _DENSE_EVAL if args.out is not None else None
+    from sdsx.checkpoint import SUBDIR
+
+    cache = Path(args.out).expanduser() / SUBDIR / _DENSE_EVAL if args.out is not None else None
     if cache is not None and cache.is_file():
         try:
             stored = json.loads(cache.read_text(encoding="utf-8"))

@@ -19,6 +19,7 @@ from torch import nn
 
 from sdsx.checkpoint import MANIFEST
 from sdsx.checkpoint import SUBDIR as CHECKPOINT_SUBDIR
+from sdsx.model.blocks import get_weight, model_linears
 
 log = logging.getLogger("sdsx")
 
@@ -86,19 +87,11 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _named_linears(model: nn.Module) -> dict[str, nn.Module]:
-    from sdsx.model.blocks import model_linears
-
-    return model_linears(model)
-
-
 def layer_sparsity(model: nn.Module) -> dict[str, dict[str, Any]]:
     """{qualified linear name: {"shape": [out, in], "zeros": count, "sparsity": fraction}} of every
     linear in the decoder blocks (exact zeros counted)."""
-    from sdsx.model.blocks import get_weight
-
     out = {}
-    for name, module in _named_linears(model).items():
+    for name, module in model_linears(model).items():
         W = get_weight(module)
         zeros = int((W == 0).sum())
         out[name] = {"shape": list(W.shape), "zeros": zeros, "sparsity": zeros / W.numel()}
@@ -133,9 +126,8 @@ def _report_dict(report: Any) -> dict | None:
 
 def _pattern_of(model: nn.Module) -> str | None:
     from sdsx.sds import detect_pattern
-    from sdsx.model.blocks import get_weight
 
-    found = {detect_pattern(get_weight(m)) for m in _named_linears(model).values()}
+    found = {detect_pattern(get_weight(m)) for m in model_linears(model).values()}
     return found.pop() if len(found) == 1 else None
 
 
@@ -216,13 +208,12 @@ def _save_masks(model: nn.Module, path: Path) -> None:
     import numpy as np
     from safetensors.torch import save_file
 
-    from sdsx.model.blocks import get_weight
-
     tensors, shapes = {}, {}
-    for name, module in _named_linears(model).items():
-        keep = (get_weight(module) != 0).cpu().numpy().reshape(-1)
+    for name, module in model_linears(model).items():
+        W = get_weight(module)
+        keep = (W != 0).cpu().numpy().reshape(-1)
         tensors[name] = torch.from_numpy(np.packbits(keep, bitorder="little"))
-        shapes[name] = ",".join(str(s) for s in get_weight(module).shape)
+        shapes[name] = ",".join(str(s) for s in W.shape)
     # One metadata entry holding sorted JSON: safetensors writes metadata from a hash map, so with
     # several keys their order (and the file's bytes) would change from run to run.
     info = {"format": "sdsx-mask-bitmap-v2 (numpy.packbits, bitorder little, row-major (out, in); 1 = keep)", "shapes": shapes}
@@ -265,10 +256,9 @@ def check_pattern(model: nn.Module, meta: Mapping[str, Any], masks: Mapping[str,
     Raises:
         PatternError: naming the first layer that breaks it.
     """
-    from sdsx.model.blocks import get_weight
     from sdsx.pruners.spec import SparsitySpec
 
-    linears = _named_linears(model)
+    linears = model_linears(model)
     recorded = meta.get("layers") or {}
     missing = sorted(set(recorded) - set(linears))
     if missing:
