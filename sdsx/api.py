@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -275,13 +275,15 @@ def run_driver(
     checkpoint: Checkpoint | None = None,
     pass_name: str = "prune",
     state: BlockState | None = None,
+    after_block: Callable[[int], None] | None = None,
 ) -> DriverResult:
     """Run the block-sequential driver for a validated plan (shared by every pruning entry point)."""
     driver = BlockDriver(
         model, device=device, offload=offload, stats=stats, batch_size=batch_size, progress=progress, desc=desc,
         **(driver_options or {}),
     )
-    return driver.run(plan.batches if stats != "none" else None, layer_fn, checkpoint=checkpoint, pass_name=pass_name, state=state)
+    return driver.run(plan.batches if stats != "none" else None, layer_fn, checkpoint=checkpoint, pass_name=pass_name, state=state,
+                      after_block=after_block)
 
 
 def open_checkpoint(

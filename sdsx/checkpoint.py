@@ -66,6 +66,9 @@ def _fault(event: str) -> None:
     spec = os.environ.get("SDSX_KILL_AT")
     if not spec:
         return
+    only = os.environ.get("SDSX_KILL_RANK")  # distributed tests: kill one rank only
+    if only is not None and only != os.environ.get("RANK", "0"):
+        return
     name, _, count = spec.partition(":")
     if name != event:
         return
@@ -146,10 +149,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
+def _atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
     from safetensors.torch import save
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=dict(metadata) if metadata else None)
     _atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 

@@ -150,9 +150,14 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--percdamp", type=_nonneg_float, default=None, metavar="F",
                    help=f"SparseGPT's damping, a fraction of mean(diag H) (default {d.percdamp})")
     g = p.add_argument_group("SDS settings (method sds only; defaults are sdsx.SDSOptions')")
-    g.add_argument("--schedule", choices=("interleaved", "phased"), default="interleaved",
+    g.add_argument("--schedule", choices=("interleaved", "phased", "parallel"), default=None,
                    help="interleaved: sparse, dense, sparse and adjust per block in one calibration pass (default); "
-                        "phased: the paper's order, one full pass per phase")
+                        "phased: the paper's order, one full pass per phase; parallel: phase 1 block by block, "
+                        "phases 2 and 3 of all layers independently (the default with --distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="spread the parallel schedule's phases 2 and 3 over the ranks of a torchrun launch "
+                        "(torchrun --nproc-per-node N -m sdsx prune ... --distributed --out DIR); rank 0 runs phase 1, "
+                        "evaluates and saves; the ranks exchange layers through DIR, which a failed run resumes from")
     g.add_argument("--l1", type=_nonneg_float, default=None, metavar="F",
                    help=f"relative L1 weight of the re-dense phase (default {d.l1}; the paper uses 0.1)")
     g.add_argument("--l2", type=_nonneg_float, default=None, metavar="F",
@@ -172,6 +177,10 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
         g.add_argument("--adjust-score", choices=tuple(getattr(_sds, "ADJUST_SCORES", ("magnitude", "activation"))), default=None,
                        help=f"what the adjustment's mask re-selection ranks: magnitude |W| (the paper's) or activation "
                             f"|W| * sqrt(diag H) (Wanda's score) (default {d.adjust_score})")
+    g.add_argument("--target", choices=("pruned", "dense"), default=None,
+                   help="what the re-dense and adjust phases fit: the dense weights on the pruned model's inputs "
+                        "(pruned, the paper's; default) or the dense model's own outputs (dense: a second activation "
+                        "stream, interleaved schedule only)")
     g.add_argument("--no-keep-better", action="store_true",
                    help="always use the SDS result, even for layers where phase 1's error was lower")
     g.add_argument("--early-exit-params", type=float, default=3e9, metavar="P",
@@ -450,7 +459,7 @@ def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "damp": args.damp, "blocksize": args.blocksize, "percdamp": args.percdamp,
         "redense": False if args.no_redense else None, "adjust": False if args.no_adjust else None,
         "reselect": False if args.no_reselect else None, "keep_better": False if args.no_keep_better else None,
-        "adjust_score": getattr(args, "adjust_score", None),
+        "adjust_score": getattr(args, "adjust_score", None), "target": args.target,
     }
     out = {}
     for key, value in wanted.items():
@@ -472,7 +481,7 @@ def _run_method(
 
         pruner = method.split("-", 1)[1] if "-" in method else args.pruner
         return sds_prune(
-            model, calib, sparsity, pruner, schedule=args.schedule, early_exit_params=args.early_exit_params,
+            model, calib, sparsity, pruner, schedule=args.schedule or "interleaved", early_exit_params=args.early_exit_params,
             device=device, progress=progress, checkpoint_dir=checkpoint_dir, **_sds_overrides(args),
         )
     from sdsx.api import prune
@@ -563,6 +572,23 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     method = args.method
     full_method = f"sds-{args.pruner}" if method == "sds" else method
+    if args.distributed:
+        if method != "sds":
+            raise CLIError(f"--distributed spreads SDS's phases 2 and 3 over ranks; --method {method} has none (use --method sds)")
+        if args.schedule not in (None, "parallel"):
+            raise CLIError(f"--distributed runs the parallel schedule, not --schedule {args.schedule}")
+        if args.out is None:
+            raise CLIError("--distributed needs --out DIR: the ranks exchange layers through it and a failed run resumes from it")
+        args.schedule = "parallel"
+        from sdsx.parallel import init_distributed, install_stop_message, worker
+
+        rank, world = init_distributed()
+        install_stop_message(args.out)
+        if rank > 0:  # ranks 1..N-1 need no model: they work on the layers rank 0 writes to --out
+            worker(args.out)
+            _leave_group()
+            return 0
+        log.info("distributed run: rank 0 of %d (phase 1, evaluation, saving); ranks 1..%d do phases 2 and 3", world, world - 1)
     if args.out is not None:
         state = check_out_dir(args.out, args.overwrite)
         if state == "checkpoint":
@@ -610,7 +636,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         Checkpoint(args.out, {}).remove()  # everything is saved: the folder is a finished model now
     _print_table(rows)
     print(f"report: {report_dir}" + (f"\nmodel: {args.out}" if args.out else ""))
+    if args.distributed:
+        _leave_group()
     return 0
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -657,6 +692,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from sdsx.model.blocks import find_blocks, find_linears, get_weight, set_weight
 
+    if args.distributed:
+        raise CLIError("--distributed is for `sdsx prune --method sds`; compare runs every method in one process")
     device = _device(args.device)
     _check_inputs(args, calib=True)
     model, tok, meta, label = load_model(args.model, args.dtype)
@@ -762,6 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     commands = {"prune": _cmd_prune, "eval": _cmd_eval, "compare": _cmd_compare}
     from sdsx.io import PatternError
+    from sdsx.parallel import DistributedRunError
 
     try:
         with _logging(args):
@@ -770,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sdsx: interrupted", file=sys.stderr)
         return 130
     except (CLIError, PatternError, ValueError, TypeError, OSError, ImportError, ConnectionError, FloatingPointError,
-            torch_oom()) as exc:
+            DistributedRunError, torch_oom()) as exc:
         if args.debug:
             raise
         print(f"sdsx {args.command}: error: {_one_line(exc)}", file=sys.stderr)

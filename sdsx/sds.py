@@ -5,6 +5,9 @@ Schedules:
       re-run to make the next block's inputs: one calibration pass, like the base pruner.
   "phased": the paper's order, a full calibration pass per phase: prune every block; re-dense every
       block (inputs from the pruned model); prune again and adjust (inputs from the re-dense model).
+  "parallel": phase 1 block by block (propagating phase 1's outputs), phases 2 and 3 of every layer
+      on H from that pass, independently of each other: in one process right after the layer's
+      phase 1, or spread over the ranks of a torch.distributed group (:mod:`sdsx.parallel`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, validate
-from sdsx.model.blocks import get_weight, model_linears
+from sdsx.model.blocks import find_blocks, get_weight, model_linears
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error
 from sdsx.pruners.sds import (
     PRUNERS,
@@ -31,11 +34,12 @@ from sdsx.pruners.sds import (
     redense,
     regularizer_scale,
     sds_layer,
+    sds_tail,
 )
 
 log = logging.getLogger("sdsx")
 
-SCHEDULES = ("interleaved", "phased")
+SCHEDULES = ("interleaved", "phased", "parallel")
 PHASES = ("dense", "sparse", "redense", "final")
 
 
@@ -47,6 +51,7 @@ class SDSReport(PruneReport):
 
     schedule: str = "interleaved"
     passes: int = 1
+    parallel: dict[str, Any] = field(default_factory=dict)  # "parallel" schedule: world size, per-rank timings
     phase_errors: dict[str, dict[str, float]] = field(default_factory=dict)
     kept_phase1: list[str] = field(default_factory=list)
     histogram_layer: str | None = None
@@ -163,7 +168,11 @@ def sds_prune(
         calib: calibration token ids (nsamples, seqlen), see :func:`sdsx.calibration`.
         sparsity: "2:4", "4:8", or a fraction in [0, 1).
         pruner: the one-shot pruner of phases 1 and 3: "sparsegpt" or "wanda".
-        schedule: "interleaved" (one calibration pass) or "phased" (the paper's, one pass a phase).
+        schedule: "interleaved" (one calibration pass), "phased" (the paper's, one pass a phase) or
+            "parallel" (phases 2/3 of all layers independent, spread over the ranks of an initialised
+            torch.distributed group; needs ``checkpoint_dir`` with more than one rank, see
+            :mod:`sdsx.parallel`). Under a process group of N > 1, ranks 1..N-1 ignore the model,
+            work for rank 0 and return None.
         options: an :class:`~sdsx.pruners.sds.SDSOptions`; keyword ``overrides`` replace its fields
             (e.g. ``l1=0.05, dense_iters=40, adjust=False``).
         early_exit_params: skip the weight adjustment for models with more parameters than this
@@ -174,9 +183,20 @@ def sds_prune(
             :func:`sdsx.prune`; a checkpointed run saves after every block of every pass (the
             phased schedule's three passes each) and resumes at the first unfinished one.
     Returns:
-        An :class:`SDSReport`.
+        An :class:`SDSReport` (None on ranks 1..N-1 of a distributed "parallel" run).
     """
     start = time.perf_counter()
+    if schedule == "parallel":
+        from sdsx.parallel import dist_info, worker
+
+        rank, world = dist_info()
+        if world > 1 and checkpoint_dir is None:
+            raise ValueError(
+                f"a distributed SDS run ({world} ranks) exchanges layers through a folder: pass checkpoint_dir= "
+                "(the CLI's --out) on every rank"
+            )
+        if rank > 0:
+            return worker(checkpoint_dir)
     if not isinstance(pruner, str) or pruner.lower() not in PRUNERS:
         raise ValueError(f"unknown SDS pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
     if schedule not in SCHEDULES:
@@ -190,6 +210,10 @@ def sds_prune(
     if opts.adjust and nparams > early_exit_params:
         log.info("SDS: %.2fB parameters > early exit threshold: weight adjustment skipped", nparams / 1e9)
         opts = dataclasses.replace(opts, adjust=False)
+    if opts.target == "dense" and schedule != "interleaved":
+        raise ValueError(f"target='dense' (the dense model's activations as targets) runs with schedule='interleaved', not {schedule!r}")
+    if opts.target == "dense" and checkpoint_dir is not None:
+        raise ValueError("target='dense' cannot be checkpointed yet (its second activation stream is not saved); drop checkpoint_dir")
     spec = SparsitySpec.parse(sparsity)
     plan = validate(model, calib, spec, need_calib=True, batch_size=batch_size)
     _check_not_sparse(model, spec)
@@ -206,8 +230,8 @@ def sds_prune(
         state = _SDSState(histogram_layer)
         phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
 
-        def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
-            res = sds_layer(W, H, spec, opts, name=name, keep_weights=name == histogram_layer, shared=shared)
+        def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor | None, C: torch.Tensor | None = None) -> PruneResult:
+            res = sds_layer(W, H, spec, opts, name=name, keep_weights=name == histogram_layer, shared=shared, C=C)
             res.errors["final"] = res.result.loss
             phase_errors[name] = res.errors
             if res.kept_phase1:
@@ -216,15 +240,21 @@ def sds_prune(
                 snaps.update({k: v for k, v in res.weights.items() if k in PHASES})
             return res.result
 
-        result = run_driver(model, plan, layer_fn, "full", desc=f"sds-{opts.pruner} {spec}", pass_name="sds", state=state, **common)
+        result = run_driver(model, plan, layer_fn, "full", desc=f"sds-{opts.pruner} {spec}", pass_name="sds", state=state,
+                            driver_options=dict(dense_stream=opts.target == "dense"), **common)
         passes = 1
-    else:
+    elif schedule == "phased":
         result, passes, state = _phased(model, plan, spec, opts, histogram_layer, common)
         phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
+    else:
+        result, state, par = _parallel(model, plan, spec, opts, histogram_layer, common)
+        phase_errors, kept, snaps, passes = state.phase_errors, state.kept, state.snaps, 1
 
     report = report_from(result, f"sds-{opts.pruner}", spec, dict(opts.to_dict(), schedule=schedule))
     report = SDSReport(**vars(report), schedule=schedule, passes=passes, phase_errors=phase_errors, kept_phase1=kept)
     report.histogram_layer = histogram_layer
+    if schedule == "parallel":
+        report.parallel = par.to_dict()
     if snaps:
         report.histograms = _histograms(snaps)
     report.total_s = max(result.total_s, time.perf_counter() - start)  # a resumed run includes its earlier part
@@ -301,3 +331,95 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
         r3.stats_s += earlier.stats_s
         r3.solver_s += earlier.solver_s
     return r3, passes, state
+
+
+def _parallel(model, plan, spec, opts, histogram_layer, common):
+    """The "parallel" schedule on rank 0 (see :mod:`sdsx.parallel`): phase 1 through the driver,
+    whose pass propagates phase 1's outputs; phases 2/3 per layer, here or on the other ranks."""
+    from sdsx.model.blocks import set_weight
+    from sdsx.parallel import Coordinator, LayerStore, ParallelStats, _Clock, assign_layers, run_task
+
+    checkpoint = common["checkpoint"]
+    linears = model_linears(model)
+    shapes = {n: tuple(get_weight(m).shape) for n, m in linears.items()}
+    _, path = find_blocks(model)
+    blocks = {n: int(n[len(path) + 1 :].split(".", 1)[0]) for n in linears}
+    store = LayerStore(checkpoint.directory) if checkpoint is not None else None
+    coord = Coordinator(store.root.parent if store else None, spec, opts, assign_layers(shapes, _world()), blocks, histogram_layer)
+    owners = coord.owners
+    shared = SharedH(opts)
+    state = _SDSState(histogram_layer)
+    finals: dict[str, Any] = {}  # in-memory results of a run without a folder
+    clock = _Clock(0)
+    h_keys: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor) -> PruneResult:
+        sh = shared(H)
+        s1 = _one_shot(opts.pruner, W, H, spec, opts, name, sh.factor)
+        if owners[name] == 0:
+            t0 = time.time()
+            res = sds_tail(W, s1, H, spec, opts, name, name == histogram_layer, sh)
+            t1 = time.time()
+            clock.add(t0, t1)
+            if store is not None:
+                store.write_result(name, res, t1 - t0)
+            else:
+                finals[name] = _to_cpu(res)
+        else:
+            hit = h_keys.get(id(H))
+            fresh = hit is None or hit[0] is not H
+            if fresh:
+                h_keys[id(H)] = (H, name)
+            store.write_task(name, W, s1, h_keys[id(H)][1], H if fresh else None)
+        return s1  # the pass propagates phase 1's outputs
+
+    def after_block(index: int) -> None:
+        h_keys.clear()
+        coord.announce(index)
+
+    result = run_driver(model, plan, layer_fn, "full", desc=f"sds-parallel 1/2 sparse {spec}", pass_name="sds-parallel",
+                        after_block=after_block, **common)
+    # layers of blocks restored from the checkpoint whose phases 2/3 rank 0 owns but never finished
+    # (e.g. the earlier run had more ranks)
+    if store is not None:
+        todo = [n for n in linears if owners[n] == 0 and not store.has_result(n)]
+        cache: dict = {}
+        for name in todo:
+            clock.add(*run_task(store, name, spec, opts, name == histogram_layer, cache))
+    ranks = [clock.as_dict()] + coord.finish()
+
+    # merge: the final weights replace phase 1's
+    records = {r.name: r for r in result.layers}
+    for name, module in linears.items():
+        if name in finals:
+            res = finals.pop(name)
+        else:
+            if not store.has_result(name):
+                raise RuntimeError(f"{name}: no phase-2/3 result in {store.results} although every rank finished")
+            res, _ = store.read_result(name)
+        set_weight(module, res.result.weight)
+        state.phase_errors[name] = dict(res.errors, final=float(res.result.loss))
+        if res.kept_phase1:
+            state.kept.append(name)
+        if res.weights:
+            state.snaps.update({k: v for k, v in res.weights.items() if k in PHASES})
+        rec = records.get(name)
+        if rec is not None:
+            rec.pruned = int(res.result.mask.numel() - res.result.mask.sum())
+            rec.loss = float(res.result.loss)
+    if store is not None:
+        store.clear()
+    return result, state, ParallelStats(coord.world, ranks)
+
+
+def _to_cpu(res):
+    from sdsx.pruners.sds import SDSLayerResult
+
+    r = res.result
+    return SDSLayerResult(PruneResult(r.weight.cpu(), r.mask.cpu(), r.loss), res.errors, res.kept_phase1, res.weights)
+
+
+def _world() -> int:
+    from sdsx.parallel import dist_info
+
+    return dist_info()[1]

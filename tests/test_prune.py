@@ -218,3 +218,21 @@ def test_nm_that_does_not_divide_the_inputs_changes_nothing():
     with pytest.raises(ValueError, match="multiple of 8"):
         sdsx.prune(model, tiny_calib(), "wanda", "4:8", progress=False)
     _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "0.5"])
+@pytest.mark.parametrize("tokens", [40, 2000])  # rank-deficient and full-rank H
+def test_sparsegpt_error_from_sweep_equals_true_error(pattern, tokens):
+    """The reported loss comes from the sweep's per-row losses minus the damping term; it must be
+    the true tr(D H D^T) on the undamped H, dead inputs included."""
+    from sdsx.pruners import sparsegpt
+    from sdsx.pruners.base import reconstruction_error
+
+    g = torch.Generator().manual_seed(tokens)
+    X = torch.randn(tokens, 96, generator=g) * torch.rand(96, generator=g) * 3
+    X[:, 5:8] = 0  # dead inputs
+    H = X.t() @ X / tokens
+    W = torch.randn(40, 96, generator=g)
+    res = sparsegpt(W, H, pattern, percdamp=0.05)
+    assert res.loss == pytest.approx(reconstruction_error(W, res.weight, H), rel=1e-5)
+    assert math.isnan(sparsegpt(W, H, pattern, report_error=False).loss)

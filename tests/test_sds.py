@@ -3,6 +3,8 @@ fixed point without regularization, valid masks, and the options' validation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -120,3 +122,89 @@ def test_adjust_keeps_the_pattern_and_lowers_the_error(score):
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SDSOptions(**kwargs).validate()
+
+
+# ------------------------------------------------------------------ the dense-target variant
+def test_dense_target_gradient_matches_token_formulation():
+    from sdsx.pruners.sds import dense_target_shift, target_error
+
+    g = torch.Generator().manual_seed(3)
+    T, cin, cout = 300, 24, 10
+    X = torch.randn(T, cin, generator=g, dtype=torch.float64)
+    Xd = X + 0.3 * torch.randn(T, cin, generator=g, dtype=torch.float64)  # the dense model's inputs differ
+    W_d = torch.randn(cout, cin, generator=g, dtype=torch.float64)
+    W = torch.randn(cout, cin, generator=g, dtype=torch.float64, requires_grad=True)
+    H, C = X.t() @ X / T, X.t() @ Xd / T
+    loss = ((X @ W.t() - Xd @ W_d.t()) ** 2).sum() / T
+    (grad,) = torch.autograd.grad(loss, W)
+    B = dense_target_shift(W_d, H, C)
+    torch.testing.assert_close(grad, 2 * ((W.detach() - W_d) @ H + B))
+    # target_error is the token loss minus W_d's own loss
+    own = float(((X @ W_d.t() - Xd @ W_d.t()) ** 2).sum() / T)
+    err = target_error(W_d.float(), W.detach().float(), H.float(), B.float())
+    assert err == pytest.approx(float(loss) - own, rel=1e-4)
+
+
+def test_dense_target_with_identical_streams_equals_same_input():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(256, 32, generator=g)
+    H = X.t() @ X / 256
+    W_d = torch.randn(16, 32, generator=g)
+    opts = SDSOptions(dense_iters=8, adjust_iters=4)
+    a = sds_layer(W_d, H, "2:4", opts)
+    b = sds_layer(W_d, H, "2:4", dataclasses.replace(opts, target="dense"), C=H.clone())
+    torch.testing.assert_close(a.result.weight, b.result.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_target_on_a_model_and_its_limits(tmp_path):
+    import sdsx
+    from conftest import make_tiny, tiny_calib
+
+    model = make_tiny("llama", layers=2)
+    calib = tiny_calib(nsamples=4, seqlen=24)
+    report = sdsx.sds_prune(model, calib, "2:4", target="dense", dense_iters=4, adjust_iters=2, progress=False)
+    assert report.forward_s > 0 and len(report.phase_errors) == 14
+    for rec in report.layers:
+        assert rec.sparsity == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="interleaved"):
+        sdsx.sds_prune(make_tiny("llama", layers=1), calib, "2:4", target="dense", schedule="phased", progress=False)
+    with pytest.raises(ValueError, match="checkpoint"):
+        sdsx.sds_prune(make_tiny("llama", layers=1), calib, "2:4", target="dense", checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="target must be one of"):
+        sdsx.sds_prune(make_tiny("llama", layers=1), calib, "2:4", target="teacher", progress=False)
+
+
+def test_driver_dense_stream_cross_gram():
+    from conftest import make_tiny, tiny_calib
+
+    from sdsx.model.driver import BlockDriver
+    from sdsx.pruners import magnitude
+
+    calib = tiny_calib(nsamples=3, seqlen=16)
+    seen = {}
+
+    def untouched(name, W, H, C):
+        seen[name] = (H.clone(), C.clone())
+        return None  # the "pruned" model stays dense: both streams must agree at every block
+
+    BlockDriver(make_tiny("llama", layers=3), progress=False, dense_stream=True).run(calib, untouched)
+    assert len(seen) == 21
+    for name, (H, C) in seen.items():
+        torch.testing.assert_close(C, H, rtol=1e-4, atol=1e-5, msg=name)
+
+    seen.clear()
+
+    def prune(name, W, H, C):
+        seen[name] = (H.clone(), C.clone())
+        return magnitude(W, "2:4")
+
+    BlockDriver(make_tiny("llama", layers=2), progress=False, dense_stream=True).run(calib, prune)
+    b0 = [n for n in seen if ".0." in n]
+    b1 = [n for n in seen if ".1." in n]
+    # block 0's statistics pass runs on the embeddings with the block still dense, in both streams
+    assert all(torch.allclose(seen[n][1], seen[n][0], atol=1e-5) for n in b0)
+    for n in b1:  # block 1 reads the pruned block 0's outputs in one stream, the dense one's in the other
+        H, C = seen[n]
+        assert float((C - H).norm() / H.norm()) > 1e-3, n
+    with pytest.raises(ValueError, match="stats='full'"):
+        BlockDriver(make_tiny("llama", layers=1), progress=False, dense_stream=True, stats="diag")

@@ -185,6 +185,10 @@ class BlockDriver:
             published SparseGPT/Wanda accumulation here.
         share_inputs: linears that read the same input tensor share one accumulator (one X X^T
             GEMM per distinct input); False gives every linear its own, as the published code does.
+        dense_stream: also carry the dense model's activations block to block (one more forward
+            per block, before it is pruned) and give the layer function a fourth argument, the
+            cross Gram C = X^T X_d / T of the layer's inputs in the pruned (X) and dense (X_d)
+            model. Needs stats="full"; not checkpointable.
         batch_size: calibration sequences per block forward call.
         progress: show a tqdm bar per block.
         desc: the progress bar's label.
@@ -202,6 +206,7 @@ class BlockDriver:
         desc: str = "sdsx",
         accumulator: Callable[[int, torch.device, bool], Any] | None = None,
         share_inputs: bool = True,
+        dense_stream: bool = False,
     ) -> None:
         if stats not in STAT_KINDS:
             raise ValueError(f"stats must be one of {STAT_KINDS}, got {stats!r}")
@@ -230,6 +235,9 @@ class BlockDriver:
             )
         self.accumulator = accumulator or (lambda columns, device, diag: GramAccumulator(columns, device=device, diag_only=diag))
         self.share_inputs = share_inputs
+        if dense_stream and stats != "full":
+            raise ValueError("dense_stream needs stats='full'")
+        self.dense_stream = dense_stream
 
     # ------------------------------------------------------------------ timing helpers
     def _sync(self) -> None:
@@ -322,12 +330,20 @@ class BlockDriver:
         arguments: dict[tuple, tuple],
         result: DriverResult,
         memory: _Memory,
+        dense: list[torch.Tensor] | None = None,
+        crosses: dict[int, Any] | None = None,
     ) -> dict[str, Any]:
         """One pass of the calibration batches through ``block`` with hooks on its linears.
 
         Linears that read the same input tensor share one accumulator, so the X X^T GEMM is done
-        once per distinct input (q/k/v, gate/up).
+        once per distinct input (q/k/v, gate/up). With a ``dense`` stream, each batch first runs
+        through the (still dense) block on the dense activations, which records every linear's
+        dense input and advances the stream; ``crosses`` (keyed by the accumulator's id) gets the
+        cross Gram of each distinct input.
         """
+        from sdsx.stats import CrossGram
+
+        dense_inputs: dict[str, torch.Tensor] = {}
         acc_of: dict[str, Any] = {}
         seen: dict[tuple, tuple[torch.Tensor, Any]] = {}
         updated: set[int] = set()
@@ -338,6 +354,8 @@ class BlockDriver:
             columns = in_features(module)
 
             def hook(mod: nn.Module, inputs: tuple, output: Any) -> None:
+                if dense_pass[0]:
+                    return
                 t0 = self._now()
                 x = inputs[0]
                 # The tensor itself is kept in `seen` until the call ends, so its address cannot
@@ -366,15 +384,40 @@ class BlockDriver:
                             "one calibration batch to the next; sdsx cannot group their statistics"
                         )
                     acc.update(x)
+                    if dense is not None:
+                        cross = crosses.get(id(acc))
+                        if cross is None:
+                            cross = crosses[id(acc)] = CrossGram(columns, self.device)
+                            memory.add(_nbytes(cross.sum))
+                        cross.update(x, dense_inputs[name])
                     updated.add(id(acc))
                     seen[key] = (x, acc)
                 hook_time[0] += self._now() - t0
 
             return hook
 
+        dense_pass = [False]  # True while a batch runs through the block on the dense stream
+
+        def make_recorder(name: str) -> Callable:
+            def record(mod: nn.Module, inputs: tuple, output: Any) -> None:
+                if dense_pass[0]:
+                    dense_inputs[name] = inputs[0].detach().clone()
+
+            return record
+
         handles = [m.register_forward_hook(make_hook(n, m)) for n, m in linears.items()]
+        if dense is not None:
+            handles += [m.register_forward_hook(make_recorder(n)) for n, m in linears.items()]
         try:
-            for x in buffer:
+            for number, x in enumerate(buffer):
+                if dense is not None:
+                    t0 = self._now()
+                    dense_pass[0] = True
+                    try:
+                        dense[number].copy_(self._call(block, dense[number].to(self.device), arguments))
+                    finally:
+                        dense_pass[0] = False
+                    result.forward_s += self._now() - t0
                 t0 = self._now()
                 hook_before = hook_time[0]
                 self._call(block, x.to(self.device), arguments)
@@ -384,6 +427,7 @@ class BlockDriver:
                 hooks = hook_time[0] - hook_before
                 result.forward_s += wall - hooks
                 result.stats_s += hooks
+                dense_inputs.clear()
         finally:
             for h in handles:
                 h.remove()
@@ -420,6 +464,7 @@ class BlockDriver:
         checkpoint: "Checkpoint | None" = None,
         pass_name: str = "prune",
         state: BlockState | None = None,
+        after_block: Callable[[int], None] | None = None,
     ) -> DriverResult:
         """Apply ``layer_fn`` to every linear of every block, in place.
 
@@ -432,6 +477,8 @@ class BlockDriver:
                 now is saved to it.
             pass_name: the checkpoint's name for this pass over the blocks.
             state: the layer function's side state to save and restore with each block.
+            after_block: called with each block's index once the block is finished (and saved, with a
+                checkpoint); for blocks restored from a checkpoint, when they are restored.
         Returns:
             A :class:`DriverResult` with per-layer records, split timings and peak memory.
         """
@@ -443,8 +490,14 @@ class BlockDriver:
         training = self.model.training
         self.model.eval()  # dropout would make statistics and outputs random
         buffer: list[torch.Tensor] = []
+        dense: list[torch.Tensor] | None = None
         arguments: dict[tuple, tuple] = {}
+        if self.dense_stream and checkpoint is not None:
+            raise ValueError("the dense-target variant (a second activation stream) cannot be checkpointed yet; drop checkpoint_dir")
         first = self._restore_finished(checkpoint, pass_name, state, result) if checkpoint is not None else 0
+        if after_block is not None:
+            for index in range(first):
+                after_block(index)
         prior_total = result.total_s
         try:
             if first < len(self.blocks):
@@ -458,10 +511,14 @@ class BlockDriver:
                     buffer, arguments = self.capture(batches)
                     result.forward_s += self._now() - t0
                     memory.add(_nbytes(buffer) + _nbytes(arguments))
+                    if self.dense_stream:
+                        dense = [x.clone() for x in buffer]
+                        memory.add(_nbytes(dense))
                     self._warn_rank(result.tokens)
                     if first:
                         self._resume_inputs(checkpoint, pass_name, first, buffer, arguments, result)
-                self._blocks(buffer, arguments, layer_fn, result, memory, first, checkpoint, pass_name, state, start, prior_total)
+                self._blocks(buffer, arguments, layer_fn, result, memory, first, checkpoint, pass_name, state, start, prior_total,
+                             after_block, dense)
             if checkpoint is not None:
                 checkpoint.finish_pass(pass_name)
         finally:
@@ -553,6 +610,8 @@ class BlockDriver:
         state: BlockState | None = None,
         start: float = 0.0,
         prior_total: float = 0.0,
+        after_block: Callable[[int], None] | None = None,
+        dense: list[torch.Tensor] | None = None,
     ) -> None:
         from tqdm.auto import tqdm
 
@@ -569,9 +628,10 @@ class BlockDriver:
                 linears = find_linears(block, prefix=f"{self.path}.{index}")
                 try:
                     accs: dict[str, Any] = {}
+                    crosses: dict[int, Any] = {}
                     if self.stats != "none":
-                        accs = self._statistics(block, linears, buffer, arguments, result, memory)
-                    self._solve(index, linears, accs, layer_fn, result, memory)
+                        accs = self._statistics(block, linears, buffer, arguments, result, memory, dense, crosses)
+                    self._solve(index, linears, accs, layer_fn, result, memory, crosses)
                     for acc in {id(a): a for a in accs.values()}.values():
                         memory.sub(_nbytes(vars(acc)))
                     accs.clear()
@@ -584,6 +644,8 @@ class BlockDriver:
                 if checkpoint is not None:
                     self._save_block(checkpoint, pass_name, index, block, list(linears), buffer, state, result,
                                      prior_total + self._now() - start)
+                if after_block is not None:
+                    after_block(index)
                 bar.update(1)
                 bar.set_postfix(fwd=f"{result.forward_s:.1f}s", stats=f"{result.stats_s:.1f}s", solve=f"{result.solver_s:.1f}s")
                 log.info(
@@ -624,8 +686,10 @@ class BlockDriver:
         layer_fn: LayerFn,
         result: DriverResult,
         memory: _Memory,
+        crosses: dict[int, Any] | None = None,
     ) -> None:
         finalized: dict[int, torch.Tensor] = {}
+        cross_final: dict[int, torch.Tensor] = {}
         try:
             for name, module in linears.items():
                 H = None
@@ -645,7 +709,13 @@ class BlockDriver:
                     raise FloatingPointError(f"{name}: the weight holds NaN/Inf before pruning; the model is damaged")
                 _fault("layer")
                 t0 = self._now()
-                out = layer_fn(name, weight, H)
+                if crosses:
+                    C = cross_final.get(id(acc))
+                    if C is None:
+                        C = cross_final[id(acc)] = crosses[id(acc)].finalize()
+                    out = layer_fn(name, weight, H, C)
+                else:
+                    out = layer_fn(name, weight, H)
                 if out is not None:
                     if not all_finite(out.weight):
                         raise FloatingPointError(f"{name}: the pruned weight holds NaN/Inf; the layer's statistics are degenerate")
@@ -662,4 +732,7 @@ class BlockDriver:
                 result.layers.append(LayerRecord(name, (int(rows), int(cols)), pruned, weight.numel(), loss, seconds, index))
         finally:
             memory.sub(sum(_nbytes(h) for h in finalized.values()))
+            if crosses:
+                memory.sub(sum(_nbytes(c.sum) for c in crosses.values()))
+                crosses.clear()
 

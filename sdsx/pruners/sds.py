@@ -34,6 +34,7 @@ from sdsx.pruners.wanda import wanda
 
 PRUNERS = ("sparsegpt", "wanda")
 ADJUST_SCORES = ("magnitude", "activation")
+TARGETS = ("pruned", "dense")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class SDSOptions:
     adjust_score: what the re-selection ranks: "magnitude" |W| (the paper), or "activation"
         |W_ij| * sqrt(H_jj) (Wanda's score: the diagonal of the H metric the gradient step uses).
     keep_better: keep phase 1's weights for a layer whose final calibration error is higher.
+    target: what phases 2 and 3 fit. "pruned" (the paper): W_d X with X the layer's inputs in the
+        pruned model, both sides on the same inputs. "dense": the dense model's own outputs
+        W_d X_d (X_d the inputs in the dense model), which needs a second activation stream and
+        the cross Gram X X_d^T / T (interleaved schedule only).
     blocksize, percdamp: SparseGPT's settings.
     """
 
@@ -67,6 +72,7 @@ class SDSOptions:
     reselect: bool = True
     adjust_score: str = "magnitude"
     keep_better: bool = True
+    target: str = "pruned"
     blocksize: int = 128
     percdamp: float = 0.01
 
@@ -81,6 +87,8 @@ class SDSOptions:
             raise ValueError(f"dense_iters must be >= 1 when redense is on, got {self.dense_iters} (or set redense=False)")
         if self.adjust and self.adjust_iters < 1:
             raise ValueError(f"adjust_iters must be >= 1 when adjust is on, got {self.adjust_iters} (or set adjust=False)")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.adjust_score not in ADJUST_SCORES:
             raise ValueError(f"adjust_score must be one of {ADJUST_SCORES}, got {self.adjust_score!r}")
         if self.blocksize < 1:
@@ -161,10 +169,12 @@ def redense(
     l2_abs: float,
     iters: int,
     lam: float | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Phase 2: FISTA on f(W) from W_start; every weight is trainable again.
 
-    Each iteration is one GEMM (Y - W_d) @ H and one fused :func:`sdsx.ops.prox_step`.
+    Each iteration is one GEMM (Y - W_d) @ H and one fused :func:`sdsx.ops.prox_step`. ``shift``
+    (see :func:`dense_target_shift`) adds a constant to the gradient: the dense-target variant.
     """
     if iters < 1:
         raise ValueError("iters must be >= 1")
@@ -174,11 +184,31 @@ def redense(
     Y = W.clone()
     t = 1.0
     for _ in range(iters):
-        G = (Y - W_d) @ H
+        G = (Y - W_d) @ H if shift is None else torch.addmm(shift, Y - W_d, H)
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         W, Y = ops.prox_step(Y, W, G, step, l1_abs, l2_abs, (t - 1.0) / t_next)
         t = t_next
     return W
+
+
+def dense_target_shift(W_d: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """The gradient offset of the dense-target objective.
+
+    With X (T, in) the layer's inputs in the pruned model, X_d the dense model's, H = X^T X / T and
+    C = X^T X_d / T: ||X W^T - X_d W_d^T||^2 / T = tr(W H W^T) - 2 tr(W C W_d^T) + const, whose
+    gradient 2 (W H - W_d C^T) is 2 ((W - W_d) H + B) with B = W_d (H - C^T). So the same-input
+    solvers handle it by adding B to every gradient; B = 0 when X_d = X.
+    """
+    return W_d.to(H.dtype) @ (H - C.t())
+
+
+def target_error(W_d: torch.Tensor, W: torch.Tensor, H: torch.Tensor, shift: torch.Tensor | None) -> float:
+    """The calibration error phases 2/3 minimise: tr(D H D^T), D = W - W_d, plus, for the dense
+    target, 2 tr(D B^T) (the dense-target error minus W_d's own, so it can be negative)."""
+    err = reconstruction_error(W_d, W, H)
+    if shift is not None:
+        err += 2.0 * float(((W.to(shift.dtype) - W_d.to(shift.dtype)) * shift).sum())
+    return err
 
 
 def adjust(
@@ -190,6 +220,7 @@ def adjust(
     reselect: bool = True,
     lam: float | None = None,
     score: str = "magnitude",
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 3's weight adjustment: projected gradient on tr((W - W_d) H (W - W_d)^T) over W with
     the sparsity pattern, the mask re-selected by magnitude at every iteration (through nm_mask /
@@ -201,7 +232,7 @@ def adjust(
     mask = W != 0
     scale = H.diagonal().clamp_min(0).sqrt().unsqueeze(0) if score == "activation" else None
     for _ in range(iters):
-        G = (W - W_d) @ H
+        G = (W - W_d) @ H if shift is None else torch.addmm(shift, W - W_d, H)
         Z, _ = ops.prox_step(W, W, G, step, 0.0, 0.0, 0.0, None if reselect else mask)
         if reselect:
             mask = select_mask(Z.abs() if scale is None else Z.abs() * scale, spec, per_row=False)
@@ -246,45 +277,74 @@ def sds_layer(
     name: str = "layer",
     keep_weights: bool = False,
     shared: SharedH | None = None,
+    C: torch.Tensor | None = None,
 ) -> SDSLayerResult:
     """Sparse -> dense -> sparse for one linear layer (weight (out, in), H = X X^T / T).
 
     ``shared`` carries what linears with the same H share (pass one :class:`SharedH` for a whole
-    run); without it everything is computed for this layer alone.
+    run); without it everything is computed for this layer alone. ``C`` (the cross Gram
+    X^T X_d / T) switches phases 2/3 to the dense model's outputs as targets.
     """
     spec = SparsitySpec.parse(spec)
     opts.validate()
+    Wd = W_d.float()
+    H = H.to(Wd.device).float()
+    sh = (shared or SharedH(opts))(H)
+    s1 = _one_shot(opts.pruner, Wd, H, spec, opts, name, sh.factor)
+    return sds_tail(W_d, s1, H, spec, opts, name, keep_weights, sh, C)
+
+
+def sds_tail(
+    W_d: torch.Tensor,
+    s1: PruneResult,
+    H: torch.Tensor,
+    spec: SparsitySpec | str | float,
+    opts: SDSOptions = SDSOptions(),
+    name: str = "layer",
+    keep_weights: bool = False,
+    shared: SharedH | None = None,
+    C: torch.Tensor | None = None,
+) -> SDSLayerResult:
+    """Phases 2 and 3 of one layer, given phase 1's result ``s1`` on the same H: re-dense, prune
+    again, adjust, and keep phase 1's weights where they were better (``opts.keep_better``).
+
+    A pure function of its arguments, so layers can be spread over processes
+    (:mod:`sdsx.parallel`) and give the same weights wherever they run.
+    """
+    spec = SparsitySpec.parse(spec)
     dtype = W_d.dtype
     Wd = W_d.float()
     H = H.to(Wd.device).float()
     sh = (shared or SharedH(opts))(H)
     Hd = sh.Hd
-    errors: dict[str, float] = {}
+    s1w = s1.weight.to(Wd.device).float()
+    shift = dense_target_shift(Wd, H, C.to(Wd.device).float()) if C is not None else None
+    s1_loss = float(s1.loss) if shift is None else target_error(Wd, s1w, H, shift)
+    errors: dict[str, float] = {"sparse": s1_loss}
     snaps: dict[str, torch.Tensor] = {}
-
-    s1 = _one_shot(opts.pruner, Wd, H, spec, opts, name, sh.factor)
-    errors["sparse"] = s1.loss
     if keep_weights:
         snaps["dense"] = Wd.cpu().clone()
-        snaps["sparse"] = s1.weight.cpu().clone()
-    current = s1.weight
+        snaps["sparse"] = s1w.cpu().clone()
+    current = s1w
     if opts.redense:
         l1_abs, l2_abs = regularizer_scale(Wd, H, opts.l1, opts.l2)
-        current = redense(s1.weight, Wd, Hd, l1_abs, l2_abs, opts.dense_iters, sh.lam)
-        errors["dense"] = reconstruction_error(Wd, current, H)
+        current = redense(s1w, Wd, Hd, l1_abs, l2_abs, opts.dense_iters, sh.lam, shift)
+        errors["dense"] = target_error(Wd, current, H, shift)
         if keep_weights:
             snaps["redense"] = current.cpu().clone()
-    s2 = _one_shot(opts.pruner, current, H, spec, opts, name, sh.factor) if opts.redense else s1
+        s2 = _one_shot(opts.pruner, current, H, spec, opts, name, sh.factor)
+    else:
+        s2 = PruneResult(s1w, s1.mask.to(Wd.device), s1_loss)
     # phase 3's pruner compensates towards the re-dense weights; report the error to the dense ones
     final_w, final_mask = s2.weight, s2.mask
-    errors["sparse2"] = reconstruction_error(Wd, final_w, H)
+    errors["sparse2"] = target_error(Wd, final_w, H, shift)
     if opts.adjust:
-        final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score)
-        errors["adjust"] = reconstruction_error(Wd, final_w, H)
-    final_err = reconstruction_error(Wd, final_w, H)
+        final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score, shift)
+        errors["adjust"] = target_error(Wd, final_w, H, shift)
+    final_err = target_error(Wd, final_w, H, shift)
     kept = False
-    if opts.keep_better and final_err > s1.loss:
-        final_w, final_mask, final_err, kept = s1.weight, s1.mask, s1.loss, True
+    if opts.keep_better and final_err > s1_loss:
+        final_w, final_mask, final_err, kept = s1w, s1.mask.to(Wd.device), s1_loss, True
     if keep_weights:
         snaps["final"] = final_w.cpu().clone()
     result = PruneResult(final_w.to(dtype), final_mask, final_err)

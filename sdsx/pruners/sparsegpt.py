@@ -96,6 +96,23 @@ class FactorCache:
         return self._factor
 
 
+def _true_error(rows: torch.Tensor, W: torch.Tensor, new: torch.Tensor, H: torch.Tensor, dead: torch.Tensor, damp: float) -> float:
+    """tr(D H D^T), D = W - new, from the sweep's own per-row losses, without an (r, c, c) GEMM.
+
+    The sweep's losses sum to tr(D Hd D^T) exactly (each step is an exact OBS step) for the damped
+    Hd = H' + damp * mean(diag H') I that U factors, H' being H with dead inputs' diagonal set to 1.
+    Dead columns of W are zero before the sweep and never updated, so D is zero there and
+    tr(D H D^T) = tr(D Hd D^T) - damp * mean(diag H') * |D|^2. The error of the dead inputs' own
+    weights is zero (their input is), so this is the error of the original weight too.
+    """
+    c = H.shape[0]
+    mean_diag = (float(torch.diagonal(H).sum()) + int(dead.sum())) / c
+    if mean_diag <= 0:
+        mean_diag = 1.0
+    D = W.float() - new.float()
+    return float(rows.double().sum()) - damp * mean_diag * float(D.double().pow(2).sum())
+
+
 def sparsegpt(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -111,14 +128,14 @@ def sparsegpt(
     Args:
         factor: a precomputed :func:`inverse_hessian_factor` of ``hessian`` (see
             :class:`FactorCache`); computed here when None.
-        report_error: compute the returned loss, the true error tr(D H D^T) on the undamped H
-            (the sweep's own estimate is on the damped H and bounds it from above); NaN when False.
+        report_error: compute the returned loss, the true error tr(D H D^T) on the undamped H, from
+            the sweep's own per-row losses (see :func:`_true_error`: no extra GEMM); NaN when False.
     """
     spec = SparsitySpec.parse(spec)
     if hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"hessian must be ({weight.shape[1]}, {weight.shape[1]}), got {tuple(hessian.shape)}")
     H = hessian.to(weight.device)
-    U, dead, _ = factor if factor is not None else inverse_hessian_factor(H, percdamp, name=name)
+    U, dead, damp = factor if factor is not None else inverse_hessian_factor(H, percdamp, name=name)
     # the sweep runs in fp32 whatever the model's dtype (fp16 updates lose the OBS corrections)
     W = weight if weight.dtype == torch.float32 else weight.float()
     if bool(dead.any()):
@@ -127,10 +144,10 @@ def sparsegpt(
     if spec.is_nm:
         # groups must not straddle two lazy-update blocks
         bs = blocksize - blocksize % spec.m or spec.m
-        new, mask, _ = ops.obs_sweep(W, U, 0.0, spec.n, spec.m, bs)
+        new, mask, rows = ops.obs_sweep(W, U, 0.0, spec.n, spec.m, bs)
     else:
-        new, mask, _ = ops.obs_sweep(W, U, spec.sparsity, 0, 0, blocksize)
-    loss = reconstruction_error(weight, new, H) if report_error else float("nan")
+        new, mask, rows = ops.obs_sweep(W, U, spec.sparsity, 0, 0, blocksize)
+    loss = _true_error(rows, W, new, H, dead, damp) if report_error else float("nan")
     if new.dtype != weight.dtype:
         new = new.to(weight.dtype)
         mask = mask & (new != 0)  # a kept fp32 value can underflow to zero in fp16

@@ -6,7 +6,7 @@ import torch
 
 from sdsx.numerics import all_finite
 
-__all__ = ["GramAccumulator"]
+__all__ = ["CrossGram", "GramAccumulator"]
 
 #: Inputs are gathered into chunks of up to this many bytes before one X X^T GEMM. Measured on one
 #: CPU core (576 and 1536 features, 16384 tokens): 512-token updates ran at 50-60% of the GEMM's
@@ -105,3 +105,29 @@ class GramAccumulator:
             return self.sum / self.tokens
         upper = torch.triu(self.sum)
         return (upper + torch.triu(self.sum, 1).t()) / self.tokens
+
+
+class CrossGram:
+    """Running mean of x x_d^T over paired tokens: C = X^T X_d / T, with X the layer's inputs in the
+    pruned model and X_d the same tokens' inputs in the dense model (the dense-target variant)."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.columns = columns
+        self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor, x_dense: torch.Tensor) -> None:
+        """Add a batch of paired inputs (..., columns) each."""
+        if x.shape != x_dense.shape or x.shape[-1] != self.columns:
+            raise ValueError(f"paired inputs must both be (..., {self.columns}), got {tuple(x.shape)} and {tuple(x_dense.shape)}")
+        x = x.reshape(-1, self.columns).to(device=self.sum.device, dtype=torch.float32)
+        xd = x_dense.reshape(-1, self.columns).to(device=self.sum.device, dtype=torch.float32)
+        self.sum.addmm_(x.t(), xd)
+        self.tokens += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise RuntimeError("no paired calibration tokens were seen by this layer")
+        if not all_finite(self.sum):
+            raise FloatingPointError("non-finite values in the cross Gram matrix of the pruned and dense inputs")
+        return self.sum / self.tokens
