@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,16 @@ import torch
 FAMILIES = ("llama", "opt", "gpt2")
 VOCAB = 128
 HIDDEN = 64
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two safetensors files of a model's weights hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
 
 
 def make_tiny(family: str, layers: int = 2, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_calib
+from conftest import assert_same_weights, make_tiny, tiny_calib
 
 import sdsx
 from sdsx.checkpoint import MANIFEST, Checkpoint, CheckpointMismatch
@@ -29,19 +29,6 @@ def _run(args: list[str], kill_at: str | None = None, timeout: float = 300) -> s
     if kill_at:
         env["SDSX_KILL_AT"] = kill_at
     return subprocess.run([sys.executable, str(JOB), *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _assert_identical(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs after resuming"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +70,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, baselines, kind,
     proc = _run(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "restored from the checkpoint" in proc.stderr
-    _assert_identical(out, baselines[kind])
+    assert_same_weights(out, baselines[kind])
 
 
 def test_kill_at_random_times_then_resume(tmp_path, baselines):
@@ -103,7 +90,7 @@ def test_kill_at_random_times_then_resume(tmp_path, baselines):
         proc.wait(timeout=60)
     done = _run(["--kind", "sds", "--ckpt", str(ckpt), "--out", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_identical(out, baselines["sds"])
+    assert_same_weights(out, baselines["sds"])
 
 
 def test_finished_checkpoint_restores_without_pruning(tmp_path):

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import make_tiny
 from sdsx.cli import main
@@ -194,6 +196,33 @@ def test_killed_prune_resumes_from_its_out_folder(files, tmp_path, capsys):
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
+def test_distributed_prune_with_torchrun_matches_one_process(files, tmp_path, capsys):
+    """`torchrun --nproc-per-node 2 -m sdsx prune --distributed` (rank 1 does phases 2/3) saves the
+    same weights as the parallel schedule in one process, and cleans up its exchange folder."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    args = base(files, "--method", "sds", "--dense-iters", "4", "--adjust-iters", "2", "--ppl", "none")
+    one = tmp_path / "one"
+    assert main(["prune", *args, "--schedule", "parallel", "--out", str(one)]) == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                           "--master-port", str(port), "-m", "sdsx", "prune", *args, "--distributed", "--out", str(two)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((two / META_NAME).read_text())
+    ranks = meta["report"]["parallel"]["ranks"]
+    assert meta["report"]["parallel"]["world"] == 2 and ranks[1]["layers"] == 14 and ranks[0]["layers"] == 0
+    assert not (two / "parallel").exists() and not (two / CHECKPOINT_MARKER).exists()
+
+
 def test_checkpoint_of_another_run_is_refused(files, tmp_path, capsys):
     out = tmp_path / "other"
     stop = base(files, "--method", "wanda", "--ppl", "none")
@@ -258,10 +287,18 @@ def test_overwrite(files, tmp_path, capsys):
         (["prune", "MODEL"], 1, r"no calibration text: pass --calib"),
         (["eval", "MODEL", "--ppl", "none"], 1, r"nothing to evaluate"),
         (["prune", "MODEL", "--calib", "CALIB", "--seqlen", "100000", "--ppl", "none"], 1, r"not enough calibration text"),
+        (["prune", "MODEL", "--calib", "CALIB", "--distributed"], 1, r"--distributed needs --out DIR"),
+        (["prune", "MODEL", "--calib", "CALIB", "--distributed", "--method", "wanda"], 1, r"--method wanda has none"),
+        (["prune", "MODEL", "--calib", "CALIB", "--distributed", "--schedule", "phased"], 1, r"not --schedule phased"),
+        (["prune", "MODEL", "--calib", "CALIB", "--distributed", "--out", "OUT"], 1, r"environment that torchrun sets"),
+        (["compare", "MODEL", "--calib", "CALIB", "--distributed"], 1, r"--distributed is for `sdsx prune"),
     ],
 )
-def test_bad_input_is_one_line(files, capsys, argv, code, pattern):
-    subs = {"MODEL": str(files / "tiny"), "FILE": str(files / "eval.txt"), "CALIB": str(files / "calib.txt")}
+def test_bad_input_is_one_line(files, capsys, monkeypatch, argv, code, pattern):
+    subs = {"MODEL": str(files / "tiny"), "FILE": str(files / "eval.txt"), "CALIB": str(files / "calib.txt"),
+            "OUT": str(files / "never-written")}
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
     argv = [subs.get(a, a) for a in argv] + ["--no-progress"]
     if argv[0] == "eval" and "--tasks" in argv:
         argv += ["--data-dir", str(files / "tasks")]

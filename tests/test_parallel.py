@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_calib
+from conftest import assert_same_weights, make_tiny, tiny_calib
 
 import sdsx
 from sdsx.model.blocks import model_linears
@@ -42,19 +42,6 @@ def _launch(tmp: Path, ranks: int, out: str, ckpt: str | None, kill: tuple[str, 
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _assert_identical(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k} differs"
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("parallel")
@@ -67,7 +54,7 @@ def single(tmp_path_factory) -> Path:
 def test_ranks_agree_bit_for_bit(single, tmp_path, ranks):
     proc = _launch(tmp_path, ranks, "w.safetensors", "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_identical(single, tmp_path / "w.safetensors")
+    assert_same_weights(single, tmp_path / "w.safetensors")
     assert f"'world': {ranks}" in proc.stdout
     assert not (tmp_path / "run" / "parallel").exists()  # the exchange folder is removed after the merge
 
@@ -83,7 +70,7 @@ def test_dead_rank_fails_clearly_and_resumes_with_other_world_size(single, tmp_p
     proc = _launch(tmp_path, 2, "w.safetensors", "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished blocks per pass" in proc.stdout + proc.stderr
-    _assert_identical(single, tmp_path / "w.safetensors")
+    assert_same_weights(single, tmp_path / "w.safetensors")
 
 
 def test_rank0_killed_mid_phase1_resumes(single, tmp_path):
@@ -91,7 +78,7 @@ def test_rank0_killed_mid_phase1_resumes(single, tmp_path):
     assert proc.returncode != 0
     proc = _launch(tmp_path, 2, "w.safetensors", "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_identical(single, tmp_path / "w.safetensors")
+    assert_same_weights(single, tmp_path / "w.safetensors")
 
 
 # ------------------------------------------------------------------------------ in process

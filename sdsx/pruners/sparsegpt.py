@@ -8,7 +8,7 @@ import torch
 
 from sdsx import ops
 from sdsx.numerics import all_finite
-from sdsx.pruners.base import PruneResult, reconstruction_error
+from sdsx.pruners.base import PruneResult
 from sdsx.pruners.spec import SparsitySpec
 
 log = logging.getLogger("sdsx")
