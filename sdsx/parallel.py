@@ -11,8 +11,7 @@ The "parallel" schedule therefore propagates phase 1's outputs from block to blo
 weights of a block never feed the next block, unlike the "interleaved" schedule), and:
 
 * rank 0 runs the block-sequential driver (phase 1) and, after every block, writes a *task* per
-  linear (W_d, phase-1 weight and mask, H shared by the linears that read one input) to the run's
-  folder, then tells the ranks that own those layers that block k is ready (a point-to-point
+  linear (W_d, phase-1 weight and mask, H of its input) to the run's folder, then tells the ranks that own those layers that block k is ready (a point-to-point
   message; rank 0 never waits for them, so phase 1 and phases 2/3 overlap);
 * ranks 1..N-1 own the layers, assigned up front by longest-processing-time on the estimated cost
   (out x in^2 + in^3); each writes a *result* per layer (final weights, mask, phase errors);
@@ -156,38 +155,28 @@ class LayerStore:
     def _task(self, name: str) -> Path:
         return self.tasks / f"{_safe(name)}.safetensors"
 
-    def _gram(self, key: str) -> Path:
-        return self.tasks / f"H-{_safe(key)}.safetensors"
-
-    def write_task(self, name: str, W_d: torch.Tensor, s1: PruneResult, h_key: str, H: torch.Tensor | None) -> None:
-        """Phase 1's output for ``name``; ``H`` is written under ``h_key`` when given (the first of
-        the linears that share it), else the one already written under that key is used."""
-        if H is not None:
-            _atomic_save_tensors(self._gram(h_key), {"H": H.float()})
+    def write_task(self, name: str, W_d: torch.Tensor, s1: PruneResult, H: torch.Tensor) -> None:
+        """Phase 1's output for ``name``, with its H: a task is self-contained, so deleting it once
+        its result exists frees everything it held (linears that share an input each carry a copy:
+        that costs traffic, but no file outlives the layers that need it)."""
         _atomic_save_tensors(
             self._task(name),
-            {"W_d": W_d, "weight": s1.weight.float(), "mask": s1.mask, "loss": torch.tensor(float(s1.loss), dtype=torch.float64)},
-            metadata={"h_key": h_key},
+            {"W_d": W_d, "weight": s1.weight.float(), "mask": s1.mask, "H": H.float(),
+             "loss": torch.tensor(float(s1.loss), dtype=torch.float64)},
         )
 
     def has_task(self, name: str) -> bool:
         return self._task(name).is_file()
 
-    def read_task(self, name: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, PruneResult, str]:
-        from safetensors import safe_open
+    def read_task(self, name: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, PruneResult, torch.Tensor]:
+        """(W_d, phase-1 result, H) of ``name``."""
+        from safetensors.torch import load_file
 
         path = self._task(name)
         if not path.is_file():
             raise FileNotFoundError(f"{name}: no phase-1 task in {self.tasks}; the run folder is incomplete")
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            h_key = (f.metadata() or {})["h_key"]
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        return t["W_d"], PruneResult(t["weight"], t["mask"], float(t["loss"])), h_key
-
-    def read_gram(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        return load_file(str(self._gram(key)), device=str(device))["H"]
+        t = load_file(str(path), device=str(device))
+        return t["W_d"], PruneResult(t["weight"], t["mask"], float(t["loss"])), t["H"]
 
     # results
     def _result(self, name: str) -> Path:
@@ -255,14 +244,12 @@ class _Clock:
         return {"rank": self.rank, "layers": self.layers, "busy_s": self.busy, "idle_s": idle, "first": self.first, "last": self.last}
 
 
-def run_task(store: LayerStore, name: str, spec: SparsitySpec, opts: SDSOptions, keep_weights: bool, cache: dict) -> tuple[float, float]:
-    """Phases 2/3 of one stored layer; writes its result. Returns (start, end) wall times."""
+def run_task(store: LayerStore, name: str, spec: SparsitySpec, opts: SDSOptions, keep_weights: bool) -> tuple[float, float]:
+    """Phases 2/3 of one stored layer; writes its result and deletes the task. Returns (start, end)
+    wall times."""
     t0 = time.time()
-    W_d, s1, h_key = store.read_task(name)
-    if cache.get("key") != h_key:
-        cache.clear()
-        cache.update(key=h_key, H=store.read_gram(h_key), shared=SharedH(opts))
-    res = sds_tail(W_d, s1, cache["H"], spec, opts, name, keep_weights, cache["shared"])
+    W_d, s1, H = store.read_task(name)
+    res = sds_tail(W_d, s1, H, spec, opts, name, keep_weights, SharedH(opts))
     t1 = time.time()
     _fault("task")
     store.write_result(name, res, t1 - t0)
@@ -293,7 +280,7 @@ def worker(directory: str | os.PathLike | None = None) -> ParallelStats | None:
     for name, owner in cfg["owners"].items():
         if owner == rank:
             mine.setdefault(cfg["blocks"][name], []).append(name)
-    clock, idle, cache = _Clock(rank), 0.0, {}
+    clock, idle = _Clock(rank), 0.0
     signal_ = torch.zeros(1, dtype=torch.int64)
     try:
         while True:
@@ -306,8 +293,7 @@ def worker(directory: str | os.PathLike | None = None) -> ParallelStats | None:
             for name in mine.get(block, []):
                 if store.has_result(name):
                     continue
-                clock.add(*run_task(store, name, spec, opts, name == cfg["histogram_layer"], cache))
-            cache.clear()
+                clock.add(*run_task(store, name, spec, opts, name == cfg["histogram_layer"]))
         report = torch.tensor([clock.layers, clock.busy, idle, clock.first, clock.last], dtype=torch.float64)
         dist.send(report, dst=0)
     except RuntimeError as exc:

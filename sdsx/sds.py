@@ -351,7 +351,6 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
     state = _SDSState(histogram_layer)
     finals: dict[str, Any] = {}  # in-memory results of a run without a folder
     clock = _Clock(0)
-    h_keys: dict[int, tuple[torch.Tensor, str]] = {}
 
     def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor) -> PruneResult:
         sh = shared(H)
@@ -366,15 +365,10 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
             else:
                 finals[name] = _to_cpu(res)
         else:
-            hit = h_keys.get(id(H))
-            fresh = hit is None or hit[0] is not H
-            if fresh:
-                h_keys[id(H)] = (H, name)
-            store.write_task(name, W, s1, h_keys[id(H)][1], H if fresh else None)
+            store.write_task(name, W, s1, H)
         return s1  # the pass propagates phase 1's outputs
 
     def after_block(index: int) -> None:
-        h_keys.clear()
         coord.announce(index)
 
     result = run_driver(model, plan, layer_fn, "full", desc=f"sds-parallel 1/2 sparse {spec}", pass_name="sds-parallel",
@@ -383,9 +377,8 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
     # (e.g. the earlier run had more ranks)
     if store is not None:
         todo = [n for n in linears if owners[n] == 0 and not store.has_result(n)]
-        cache: dict = {}
         for name in todo:
-            clock.add(*run_task(store, name, spec, opts, name == histogram_layer, cache))
+            clock.add(*run_task(store, name, spec, opts, name == histogram_layer))
     ranks = [clock.as_dict()] + coord.finish()
 
     # merge: the final weights replace phase 1's

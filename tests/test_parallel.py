@@ -130,11 +130,12 @@ def test_store_round_trip(tmp_path):
     W = torch.randn(8, 12)
     s1 = PruneResult(W * (W.abs() > 0.5), W.abs() > 0.5, 0.25)
     H = torch.eye(12)
-    store.write_task("model.layers.0.q_proj", W, s1, "model.layers.0.q_proj", H)
-    store.write_task("model.layers.0.k_proj", W * 2, s1, "model.layers.0.q_proj", None)
-    W_d, t1, key = store.read_task("model.layers.0.k_proj")
+    store.write_task("model.layers.0.k_proj", W * 2, s1, H)
+    W_d, t1, H1 = store.read_task("model.layers.0.k_proj")
     assert torch.equal(W_d, W * 2) and torch.equal(t1.weight, s1.weight) and torch.equal(t1.mask, s1.mask) and t1.loss == 0.25
-    assert key == "model.layers.0.q_proj" and torch.equal(store.read_gram(key), H)
+    assert torch.equal(H1, H)
+    store.drop_task("model.layers.0.k_proj")
+    assert not any(store.tasks.iterdir())  # a dropped task leaves nothing behind
     with pytest.raises(FileNotFoundError, match="no phase-1 task"):
         store.read_task("model.layers.9.q_proj")
 
