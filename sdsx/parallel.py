@@ -165,9 +165,6 @@ class LayerStore:
              "loss": torch.tensor(float(s1.loss), dtype=torch.float64)},
         )
 
-    def has_task(self, name: str) -> bool:
-        return self._task(name).is_file()
-
     def read_task(self, name: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, PruneResult, torch.Tensor]:
         """(W_d, phase-1 result, H) of ``name``."""
         from safetensors.torch import load_file
@@ -191,15 +188,14 @@ class LayerStore:
         meta = {"errors": res.errors, "kept": res.kept_phase1, "loss": float(res.result.loss), "seconds": seconds}
         _atomic_save_tensors(self._result(name), tensors, metadata={"record": json.dumps(meta)})
 
-    def read_result(self, name: str) -> tuple[SDSLayerResult, float]:
+    def read_result(self, name: str) -> SDSLayerResult:
         from safetensors import safe_open
 
         with safe_open(str(self._result(name)), framework="pt", device="cpu") as f:
             meta = json.loads((f.metadata() or {})["record"])
             t = {k: f.get_tensor(k) for k in f.keys()}
         snaps = {k[len("snap."):]: v for k, v in t.items() if k.startswith("snap.")}
-        res = SDSLayerResult(PruneResult(t["weight"], t["mask"], meta["loss"]), meta["errors"], meta["kept"], snaps or None)
-        return res, float(meta["seconds"])
+        return SDSLayerResult(PruneResult(t["weight"], t["mask"], meta["loss"]), meta["errors"], meta["kept"], snaps or None)
 
     def drop_task(self, name: str) -> None:
         self._task(name).unlink(missing_ok=True)
@@ -240,8 +236,9 @@ class _Clock:
         self.busy += t1 - t0
         self.last = t1
 
-    def as_dict(self, idle: float = 0.0) -> dict[str, float]:
-        return {"rank": self.rank, "layers": self.layers, "busy_s": self.busy, "idle_s": idle, "first": self.first, "last": self.last}
+    def as_dict(self) -> dict[str, float]:
+        """Rank 0's entry of :class:`ParallelStats` (it never waits for phase 1: idle 0)."""
+        return {"rank": self.rank, "layers": self.layers, "busy_s": self.busy, "idle_s": 0.0, "first": self.first, "last": self.last}
 
 
 def run_task(store: LayerStore, name: str, spec: SparsitySpec, opts: SDSOptions, keep_weights: bool) -> tuple[float, float]:
@@ -308,11 +305,11 @@ def worker(directory: str | os.PathLike | None = None) -> ParallelStats | None:
 class Coordinator:
     """Rank 0's side: the plan broadcast, per-block announcements and the final gather."""
 
-    def __init__(self, directory: Path | None, spec: SparsitySpec, opts: SDSOptions, owners: dict[str, int],
+    def __init__(self, directory: Path | None, spec: SparsitySpec, opts: SDSOptions, shapes: dict[str, tuple[int, int]],
                  blocks: dict[str, int], histogram_layer: str) -> None:
         self.rank, self.world = dist_info()
         self.directory = directory
-        self.owners = owners
+        self.owners = owners = assign_layers(shapes, self.world)
         self.pending: list[Any] = []
         self.signals: list[torch.Tensor] = []
         self.announced: set[int] = set()

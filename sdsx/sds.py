@@ -337,7 +337,7 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
     """The "parallel" schedule on rank 0 (see :mod:`sdsx.parallel`): phase 1 through the driver,
     whose pass propagates phase 1's outputs; phases 2/3 per layer, here or on the other ranks."""
     from sdsx.model.blocks import set_weight
-    from sdsx.parallel import Coordinator, LayerStore, ParallelStats, _Clock, assign_layers, run_task
+    from sdsx.parallel import Coordinator, LayerStore, ParallelStats, _Clock, run_task
 
     checkpoint = common["checkpoint"]
     linears = model_linears(model)
@@ -345,7 +345,7 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
     _, path = find_blocks(model)
     blocks = {n: int(n[len(path) + 1 :].split(".", 1)[0]) for n in linears}
     store = LayerStore(checkpoint.directory) if checkpoint is not None else None
-    coord = Coordinator(store.root.parent if store else None, spec, opts, assign_layers(shapes, _world()), blocks, histogram_layer)
+    coord = Coordinator(store.root.parent if store else None, spec, opts, shapes, blocks, histogram_layer)
     owners = coord.owners
     shared = SharedH(opts)
     state = _SDSState(histogram_layer)
@@ -389,7 +389,7 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
         else:
             if not store.has_result(name):
                 raise RuntimeError(f"{name}: no phase-2/3 result in {store.results} although every rank finished")
-            res, _ = store.read_result(name)
+            res = store.read_result(name)
         set_weight(module, res.result.weight)
         state.phase_errors[name] = dict(res.errors, final=float(res.result.loss))
         if res.kept_phase1:
@@ -411,8 +411,3 @@ def _to_cpu(res):
     r = res.result
     return SDSLayerResult(PruneResult(r.weight.cpu(), r.mask.cpu(), r.loss), res.errors, res.kept_phase1, res.weights)
 
-
-def _world() -> int:
-    from sdsx.parallel import dist_info
-
-    return dist_info()[1]

@@ -341,7 +341,7 @@ def sds_tail(
     if opts.adjust:
         final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score, shift)
         errors["adjust"] = target_error(Wd, final_w, H, shift)
-    final_err = target_error(Wd, final_w, H, shift)
+    final_err = errors["adjust"] if opts.adjust else errors["sparse2"]  # the error of final_w, already measured
     kept = False
     if opts.keep_better and final_err > s1_loss:
         final_w, final_mask, final_err, kept = s1w, s1.mask.to(Wd.device), s1_loss, True
