@@ -67,3 +67,17 @@ def test_errors():
     acc.update(x)
     with pytest.raises(FloatingPointError, match="1 of the layer's 300"):
         acc.finalize()
+
+
+@pytest.mark.parametrize("columns", [40, 300])
+def test_finalize_is_final(columns):
+    """finalize() turns the running sum into H in place: a second call returns the same H, and
+    more inputs are refused instead of silently corrupting it."""
+    x = torch.randn(64, columns)
+    acc = GramAccumulator(columns, chunk_tokens=16)
+    acc.update(x)
+    H = acc.finalize()
+    assert acc.finalize() is H
+    torch.testing.assert_close(H, _reference(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="finalized"):
+        acc.update(x)

@@ -6,6 +6,8 @@
 // they are subtracted: this file is compiled with -ffp-contract=off), so masks agree exactly.
 #include <ATen/Parallel.h>
 
+#include <bit>
+#include <cstdint>
 #include <vector>
 
 #include "cpu/ops.h"
@@ -15,64 +17,126 @@ namespace sdsx::cpu {
 namespace {
 
 constexpr int64_t kTile = 16;
+// Columns whose OBS updates are applied together to each later column of the block. Every element
+// still receives its updates one column at a time in increasing order, each product rounded before
+// it is subtracted, so the result is bit-identical to the column-by-column reference; the element
+// just stays in registers across the panel's updates instead of being reloaded and stored per column.
+constexpr int64_t kPanel = 4;
 
 struct Block {
   const float* u;  // U, cols x cols, row-major
   int64_t cols, i1, cnt;
-  int64_t n, m;  // m == 0: unstructured (mask already chosen)
+  int64_t n, m;   // m == 0: unstructured (mask already chosen)
+  int64_t panel;  // columns per panel (divides m, so every N:M group starts a panel)
 };
+
+// Panel width for a pattern: an N:M group's scores must see every earlier column's update, so group
+// starts must be panel starts.
+int64_t panel_width(int64_t m) {
+  if (m == 0 || m % kPanel == 0) return kPanel;
+  return m % 2 == 0 ? 2 : 1;
+}
 
 // Sweeps the columns of one block for a tile of kTile rows stored column-major (tile[k * kTile + rr])
 // so that the OBS update of column k is, for every later column t, one broadcast of U[j, t] times a
 // contiguous vector of the tile's errors: it vectorizes across rows and reads U once per tile.
 // Built for AVX2 and for the baseline, picked at load time; no FMA either way (exactness).
-__attribute__((target_clones("avx2", "default"))) void sweep_tile(const Block& blk, float* tile, char* keep,
-                                                                   float* err_out, float* loss, int64_t nr) {
-  const int64_t cols = blk.cols, cnt = blk.cnt, m = blk.m;
-  float err[kTile];
-  float sc[64][kTile];  // n:m scores of one group, for every row of the tile
-  for (int64_t k = 0; k < cnt; ++k) {
-    const int64_t j = blk.i1 + k;
-    if (m && j % m == 0) {
-      // Rank each entry of the group by counting, across all rows of the tile at once (same rule
-      // as select_group: larger score first, lower index first among equal scores).
-      for (int64_t t = 0; t < m; ++t) {
-        const float d = blk.u[(j + t) * cols + j + t], dd = d * d;
-        const float* wt = tile + (k + t) * kTile;
+__attribute__((target_clones("avx2", "default"))) void sweep_tile(const Block& blk, float* __restrict tile,
+                                                                   char* __restrict keep, float* __restrict err_out,
+                                                                   float* __restrict loss, int64_t nr) {
+  const int64_t cols = blk.cols, cnt = blk.cnt, m = blk.m, i1 = blk.i1, P = blk.panel;
+  const float* __restrict u = blk.u;
+  alignas(32) float err[kPanel][kTile];
+  alignas(32) float lsum[kTile] = {};
+  alignas(32) float sc[64][kTile];  // n:m scores of one group, for every row of the tile
+  for (int64_t p0 = 0; p0 < cnt; p0 += P) {
+    const int64_t pe = std::min(p0 + P, cnt);
+    for (int64_t k = p0; k < pe; ++k) {
+      const int64_t j = i1 + k;
+      if (m && j % m == 0) {
+        // Rank each entry of the group by counting, across all rows of the tile at once (same rule
+        // as select_group: larger score first, lower index first among equal scores).
+        for (int64_t t = 0; t < m; ++t) {
+          const float d = u[(j + t) * cols + j + t], dd = d * d;
+          const float* wt = tile + (k + t) * kTile;
 #pragma omp simd
-        for (int64_t rr = 0; rr < kTile; ++rr) sc[t][rr] = (wt[rr] * wt[rr]) / dd;
-      }
-      for (int64_t t = 0; t < m; ++t) {
-        int32_t rank[kTile] = {};
-        for (int64_t g = 0; g < m; ++g) {
-          const bool before = g < t;
-#pragma omp simd
-          for (int64_t rr = 0; rr < kTile; ++rr)
-            rank[rr] += (sc[g][rr] > sc[t][rr]) | ((sc[g][rr] == sc[t][rr]) & before);
+          for (int64_t rr = 0; rr < kTile; ++rr) sc[t][rr] = (wt[rr] * wt[rr]) / dd;
         }
-        char* kt = keep + (k + t) * kTile;
-        for (int64_t rr = 0; rr < kTile; ++rr) kt[rr] = rank[rr] < blk.n;
+        for (int64_t t = 0; t < m; ++t) {
+          int32_t rank[kTile] = {};
+          for (int64_t g = 0; g < m; ++g) {
+            const bool before = g < t;
+#pragma omp simd
+            for (int64_t rr = 0; rr < kTile; ++rr)
+              rank[rr] += (sc[g][rr] > sc[t][rr]) | ((sc[g][rr] == sc[t][rr]) & before);
+          }
+          char* kt = keep + (k + t) * kTile;
+          for (int64_t rr = 0; rr < kTile; ++rr) kt[rr] = rank[rr] < blk.n;
+        }
+      }
+      // Prune column k: its error (w - q) / d, the loss, and the OBS update of the panel's later
+      // columns (the rest of the block is updated once the panel is done).
+      const float d = u[j * cols + j], dd = d * d;
+      float* __restrict col = tile + k * kTile;
+      const char* __restrict kp = keep + k * kTile;
+      float* __restrict e = err[k - p0];
+#pragma omp simd
+      for (int64_t rr = 0; rr < kTile; ++rr) {
+        const float wk = col[rr];
+        // q = keep ? w : +0, as a bit mask: a branch here mispredicts on every other 2:4 entry
+        const uint32_t keep_bits = 0u - static_cast<uint32_t>(kp[rr] != 0);
+        const float q = std::bit_cast<float>(std::bit_cast<uint32_t>(wk) & keep_bits);
+        const float diff = wk - q;
+        e[rr] = diff / d;
+        lsum[rr] += (diff * diff) / dd;
+        col[rr] = q;
+      }
+      const float* ur = u + j * cols + i1;
+      for (int64_t t = k + 1; t < pe; ++t) {
+        const float ut = ur[t];
+        float* __restrict ct = tile + t * kTile;
+#pragma omp simd
+        for (int64_t rr = 0; rr < kTile; ++rr) ct[rr] -= e[rr] * ut;
+      }
+      for (int64_t rr = 0; rr < nr; ++rr) err_out[rr * cnt + k] = e[rr];
+    }
+    // The panel's updates of the rest of the block, in column order for every element.
+    const float* ub = u + (i1 + p0) * cols + i1;
+    if (pe - p0 == kPanel) {
+      const float* __restrict u0 = ub;
+      const float* __restrict u1 = ub + cols;
+      const float* __restrict u2 = ub + 2 * cols;
+      const float* __restrict u3 = ub + 3 * cols;
+      const float* __restrict e0 = err[0];
+      const float* __restrict e1 = err[1];
+      const float* __restrict e2 = err[2];
+      const float* __restrict e3 = err[3];
+      for (int64_t t = pe; t < cnt; ++t) {
+        const float a = u0[t], b = u1[t], c = u2[t], g = u3[t];
+        float* __restrict ct = tile + t * kTile;
+#pragma omp simd
+        for (int64_t rr = 0; rr < kTile; ++rr) {
+          float v = ct[rr];
+          v -= e0[rr] * a;
+          v -= e1[rr] * b;
+          v -= e2[rr] * c;
+          v -= e3[rr] * g;
+          ct[rr] = v;
+        }
+      }
+    } else {
+      for (int64_t t = pe; t < cnt; ++t) {
+        float* __restrict ct = tile + t * kTile;
+        for (int64_t p = 0; p < pe - p0; ++p) {
+          const float ut = ub[p * cols + t];
+          const float* __restrict e = err[p];
+#pragma omp simd
+          for (int64_t rr = 0; rr < kTile; ++rr) ct[rr] -= e[rr] * ut;
+        }
       }
     }
-    const float d = blk.u[j * cols + j];
-    float* col = tile + k * kTile;
-    for (int64_t rr = 0; rr < kTile; ++rr) {
-      const float wk = col[rr];
-      const float q = keep[k * kTile + rr] ? wk : 0.f;
-      const float diff = wk - q;
-      err[rr] = diff / d;
-      loss[rr] += (diff * diff) / (d * d);
-      col[rr] = q;
-    }
-    const float* ur = blk.u + j * cols + blk.i1;
-    for (int64_t t = k + 1; t < cnt; ++t) {
-      const float ut = ur[t];
-      float* __restrict ct = tile + t * kTile;
-#pragma omp simd
-      for (int64_t rr = 0; rr < kTile; ++rr) ct[rr] -= err[rr] * ut;
-    }
-    for (int64_t rr = 0; rr < nr; ++rr) err_out[rr * cnt + k] = err[rr];
   }
+  for (int64_t rr = 0; rr < kTile; ++rr) loss[rr] += lsum[rr];
 }
 
 }  // namespace
@@ -136,27 +200,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_sweep_cpu(const at::Tensor& W
         for (int64_t k = 0; k < cnt; ++k) mk[r * cols + i1 + k] = blockkeep[r * cnt + k];
     }
 
-    const Block blk{u, cols, i1, cnt, n, m};
-    at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> tile(cnt * kTile);
-      std::vector<char> tkeep(cnt * kTile);
+    const Block blk{u, cols, i1, cnt, n, m, panel_width(m)};
+    at::parallel_for(0, tiles, 1, [&, w, mk, cols, i1, cnt, nm](int64_t b, int64_t e) {
+      // The lambda's own copies of the pointers and sizes: the tile's char stores may alias
+      // anything reached through a reference, which would reload them on every element.
+      std::vector<float> tile_buf(cnt * kTile);
+      std::vector<char> keep_buf(cnt * kTile, 1);
+      float* __restrict tile = tile_buf.data();
+      char* __restrict tkeep = keep_buf.data();
       for (int64_t ti = b; ti < e; ++ti) {
         const int64_t r0 = ti * kTile, nr = std::min(kTile, rows - r0);
         // Padding rows are zero and kept: they contribute nothing and are not written back.
-        for (int64_t rr = 0; rr < kTile; ++rr)
-          for (int64_t k = 0; k < cnt; ++k) {
-            const bool real = rr < nr;
-            tile[k * kTile + rr] = real ? w[(r0 + rr) * cols + i1 + k] : 0.f;
-            tkeep[k * kTile + rr] = real ? mk[(r0 + rr) * cols + i1 + k] : 1;
+        for (int64_t rr = 0; rr < kTile; ++rr) {
+          if (rr >= nr) {
+            for (int64_t k = 0; k < cnt; ++k) tile[k * kTile + rr] = 0.f;
+            for (int64_t k = 0; k < cnt; ++k) tkeep[k * kTile + rr] = 1;
+            continue;
           }
+          const float* src = w + (r0 + rr) * cols + i1;
+          for (int64_t k = 0; k < cnt; ++k) tile[k * kTile + rr] = src[k];
+          // N:M masks are chosen inside the sweep; an unstructured one was chosen above
+          if (!nm) {
+            const bool* msrc = mk + (r0 + rr) * cols + i1;
+            for (int64_t k = 0; k < cnt; ++k) tkeep[k * kTile + rr] = msrc[k];
+          }
+        }
         float lsum[kTile] = {};
-        sweep_tile(blk, tile.data(), tkeep.data(), ep + r0 * cnt, lsum, nr);
+        sweep_tile(blk, tile, tkeep, ep + r0 * cnt, lsum, nr);
         for (int64_t rr = 0; rr < nr; ++rr) {
           lp[r0 + rr] += lsum[rr];
-          for (int64_t k = 0; k < cnt; ++k) {
-            w[(r0 + rr) * cols + i1 + k] = tile[k * kTile + rr];
-            mk[(r0 + rr) * cols + i1 + k] = tkeep[k * kTile + rr];
-          }
+          float* dst = w + (r0 + rr) * cols + i1;
+          bool* mdst = mk + (r0 + rr) * cols + i1;
+          for (int64_t k = 0; k < cnt; ++k) dst[k] = tile[k * kTile + rr];
+          for (int64_t k = 0; k < cnt; ++k) mdst[k] = tkeep[k * kTile + rr];
         }
       }
     });

@@ -44,11 +44,14 @@ class GramAccumulator:
         self.chunk_tokens = chunk_tokens
         self._buf: torch.Tensor | None = None  # (chunk_tokens, columns), allocated on first use
         self._filled = 0
+        self._result: torch.Tensor | None = None  # set by finalize()
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs x (..., columns) of any float dtype."""
         if x.shape[-1] != self.columns:
             raise ValueError(f"expected inputs with {self.columns} features, got {x.shape[-1]}")
+        if self._result is not None:
+            raise RuntimeError("this accumulator was finalized; start a new one for more inputs")
         # No finiteness check here (it cost 15% of the accumulation): a NaN/Inf input makes its
         # diagonal entry of H non-finite, which finalize() checks.
         x = x.reshape(-1, self.columns)
@@ -91,7 +94,11 @@ class GramAccumulator:
             self.sum[i0:i1, i0:].addmm_(x[:, i0:i1].t(), x[:, i0:])
 
     def finalize(self) -> torch.Tensor:
-        """H = sum x x^T / T (or its diagonal). Releases the chunk buffer."""
+        """H = sum x x^T / T (or its diagonal). Releases the chunk buffer; the running sum becomes H
+        in place (no copy of a c x c matrix), so the accumulator takes no more updates and a second
+        call returns the same tensor."""
+        if self._result is not None:
+            return self._result
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens were seen by this layer")
         if not self.diag_only:
@@ -101,10 +108,14 @@ class GramAccumulator:
         if not all_finite(diag):
             bad = int((~torch.isfinite(diag)).sum())
             raise FloatingPointError(f"non-finite values (NaN/Inf, or overflow of x^2) in {bad} of the layer's {self.columns} input features")
-        if self.diag_only or self.columns < 256:
-            return self.sum / self.tokens
-        upper = torch.triu(self.sum)
-        return (upper + torch.triu(self.sum, 1).t()) / self.tokens
+        S = self.sum
+        if not self.diag_only and self.columns >= 256:
+            # only the upper triangle was accumulated: mirror it (the transposed strict upper part
+            # is materialised before it is added, so S is never read and written at once)
+            S.triu_()
+            S.add_(S.mT.tril(-1))
+        self._result = S.div_(self.tokens)
+        return self._result
 
 
 class CrossGram:
