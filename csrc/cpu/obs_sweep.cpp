@@ -28,6 +28,7 @@ struct Block {
   int64_t cols, i1, cnt;
   int64_t n, m;   // m == 0: unstructured (mask already chosen)
   int64_t panel;  // columns per panel (divides m, so every N:M group starts a panel)
+  int64_t err_ld;  // row stride of the transposed error matrix the tile writes into
 };
 
 // Panel width for a pattern: an N:M group's scores must see every earlier column's update, so group
@@ -42,9 +43,10 @@ int64_t panel_width(int64_t m) {
 // contiguous vector of the tile's errors: it vectorizes across rows and reads U once per tile.
 // Built for AVX2 and for the baseline, picked at load time; no FMA either way (exactness).
 __attribute__((target_clones("avx2", "default"))) void sweep_tile(const Block& blk, float* __restrict tile,
-                                                                   char* __restrict keep, float* __restrict err_out,
-                                                                   float* __restrict loss, int64_t nr) {
-  const int64_t cols = blk.cols, cnt = blk.cnt, m = blk.m, i1 = blk.i1, P = blk.panel;
+                                                                   int32_t* __restrict keep, float* __restrict err_out,
+                                                                   float* __restrict loss) {
+  const int64_t cols = blk.cols, cnt = blk.cnt, m = blk.m, i1 = blk.i1, P = blk.panel, ld = blk.err_ld;
+  const int32_t n = static_cast<int32_t>(blk.n);
   const float* __restrict u = blk.u;
   alignas(32) float err[kPanel][kTile];
   alignas(32) float lsum[kTile] = {};
@@ -70,15 +72,16 @@ __attribute__((target_clones("avx2", "default"))) void sweep_tile(const Block& b
             for (int64_t rr = 0; rr < kTile; ++rr)
               rank[rr] += (sc[g][rr] > sc[t][rr]) | ((sc[g][rr] == sc[t][rr]) & before);
           }
-          char* kt = keep + (k + t) * kTile;
-          for (int64_t rr = 0; rr < kTile; ++rr) kt[rr] = rank[rr] < blk.n;
+          int32_t* kt = keep + (k + t) * kTile;
+#pragma omp simd
+          for (int64_t rr = 0; rr < kTile; ++rr) kt[rr] = rank[rr] < n;
         }
       }
       // Prune column k: its error (w - q) / d, the loss, and the OBS update of the panel's later
       // columns (the rest of the block is updated once the panel is done).
       const float d = u[j * cols + j], dd = d * d;
       float* __restrict col = tile + k * kTile;
-      const char* __restrict kp = keep + k * kTile;
+      const int32_t* __restrict kp = keep + k * kTile;
       float* __restrict e = err[k - p0];
 #pragma omp simd
       for (int64_t rr = 0; rr < kTile; ++rr) {
@@ -98,7 +101,9 @@ __attribute__((target_clones("avx2", "default"))) void sweep_tile(const Block& b
 #pragma omp simd
         for (int64_t rr = 0; rr < kTile; ++rr) ct[rr] -= e[rr] * ut;
       }
-      for (int64_t rr = 0; rr < nr; ++rr) err_out[rr * cnt + k] = e[rr];
+      float* __restrict eo = err_out + k * ld;  // E^T: the tile's errors are contiguous
+#pragma omp simd
+      for (int64_t rr = 0; rr < kTile; ++rr) eo[rr] = e[rr];
     }
     // The panel's updates of the rest of the block, in column order for every element.
     const float* ub = u + (i1 + p0) * cols + i1;
@@ -161,7 +166,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_sweep_cpu(const at::Tensor& W
   at::Tensor mask = at::ones({rows, cols}, W.options().dtype(at::kBool));
   at::Tensor loss = at::zeros({rows}, W.options().dtype(at::kFloat));
   const int64_t B = std::min(blocksize, cols);
-  at::Tensor E = at::empty({rows, B}, W.options().dtype(at::kFloat));
+  // The errors of a block, transposed (E^T, cnt x rows padded to whole tiles) so that a tile stores
+  // each column's errors as one contiguous vector; the lazy update takes E as a transposed operand.
+  const int64_t tiles = (rows + kTile - 1) / kTile, rows_pad = tiles * kTile;
+  at::Tensor Et = at::empty({B, rows_pad}, W.options().dtype(at::kFloat));
   // One buffer for every lazy update's product: a fresh multi-megabyte allocation per block costs
   // page faults that show up in the profile.
   at::Tensor prod = at::empty({rows * std::max<int64_t>(cols - B, 0)}, W.options().dtype(at::kFloat));
@@ -172,12 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_sweep_cpu(const at::Tensor& W
   TORCH_CHECK_VALUE(all_finite(u, cols * cols), "obs_sweep: U holds non-finite values (NaN or Inf)");
   bool* mk = mask.mutable_data_ptr<bool>();
   float* lp = loss.mutable_data_ptr<float>();
-  float* ep = E.mutable_data_ptr<float>();
+  float* ep = Et.mutable_data_ptr<float>();
 
   std::vector<float> scores;
   std::vector<float> order;
   std::vector<char> blockkeep;
-  const int64_t tiles = (rows + kTile - 1) / kTile;
 
   for (int64_t i1 = 0; i1 < cols; i1 += B) {
     const int64_t i2 = std::min(i1 + B, cols), cnt = i2 - i1;
@@ -200,14 +207,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_sweep_cpu(const at::Tensor& W
         for (int64_t k = 0; k < cnt; ++k) mk[r * cols + i1 + k] = blockkeep[r * cnt + k];
     }
 
-    const Block blk{u, cols, i1, cnt, n, m, panel_width(m)};
+    const Block blk{u, cols, i1, cnt, n, m, panel_width(m), rows_pad};
     at::parallel_for(0, tiles, 1, [&, w, mk, cols, i1, cnt, nm](int64_t b, int64_t e) {
       // The lambda's own copies of the pointers and sizes: the tile's char stores may alias
       // anything reached through a reference, which would reload them on every element.
       std::vector<float> tile_buf(cnt * kTile);
-      std::vector<char> keep_buf(cnt * kTile, 1);
+      std::vector<int32_t> keep_buf(cnt * kTile, 1);
       float* __restrict tile = tile_buf.data();
-      char* __restrict tkeep = keep_buf.data();
+      int32_t* __restrict tkeep = keep_buf.data();
       for (int64_t ti = b; ti < e; ++ti) {
         const int64_t r0 = ti * kTile, nr = std::min(kTile, rows - r0);
         // Padding rows are zero and kept: they contribute nothing and are not written back.
@@ -226,20 +233,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_sweep_cpu(const at::Tensor& W
           }
         }
         float lsum[kTile] = {};
-        sweep_tile(blk, tile, tkeep, ep + r0 * cnt, lsum, nr);
+        sweep_tile(blk, tile, tkeep, ep + r0, lsum);
         for (int64_t rr = 0; rr < nr; ++rr) {
           lp[r0 + rr] += lsum[rr];
           float* dst = w + (r0 + rr) * cols + i1;
           bool* mdst = mk + (r0 + rr) * cols + i1;
           for (int64_t k = 0; k < cnt; ++k) dst[k] = tile[k * kTile + rr];
-          for (int64_t k = 0; k < cnt; ++k) mdst[k] = tkeep[k * kTile + rr];
+          for (int64_t k = 0; k < cnt; ++k) mdst[k] = tkeep[k * kTile + rr] != 0;
         }
       }
     });
 
     if (i2 < cols) {
       // Lazy batch update of everything right of the block: W[:, i2:] -= E @ U[i1:i2, i2:].
-      auto Eb = E.view({-1}).narrow(0, 0, rows * cnt).view({rows, cnt});
+      auto Eb = Et.narrow(0, 0, cnt).narrow(1, 0, rows).t();
       auto P = prod.narrow(0, 0, rows * (cols - i2)).view({rows, cols - i2});
       at::mm_out(P, Eb, Uc.narrow(0, i1, cnt).narrow(1, i2, cols - i2));
       Wf.narrow(1, i2, cols - i2).sub_(P);

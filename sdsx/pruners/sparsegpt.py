@@ -72,7 +72,7 @@ def inverse_hessian_factor(
             # J R^T J = V^T a contiguous copy; V is used as its column-major transpose (BLAS takes
             # either layout), which saves a strided copy of the whole factor.
             V = torch.flip(R.mT, (0, 1)).mT
-            U = torch.zeros_like(V)
+            U = torch.zeros(V.shape, dtype=V.dtype, device=V.device)  # row-major (V is not): the sweep reads rows
             _inv_upper_into(V, U)
             if all_finite(U):
                 if attempt:
