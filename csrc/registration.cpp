@@ -18,5 +18,9 @@ TORCH_LIBRARY(sdsx, m) {
   // + l1 |W|_1, after the GEMM G = (Y - Wd) @ H has been done by the caller. Y is the extrapolated
   // point, W_prev the previous iterate; returns (W_next, Y_next). With a mask, the iterate is
   // projected onto it (masked entries are zero) instead of (after) the soft-threshold.
+  // In-place C += X^T X on (at least) the upper triangle of C, X (tokens x features) float32: the
+  // entries below the diagonal are partly updated and must be ignored (CPU only; on other devices
+  // the caller does blocked GEMMs).
+  m.def("gram_upper_(Tensor(a!) C, Tensor X) -> Tensor(a!)");
   m.def("prox_step(Tensor Y, Tensor W_prev, Tensor G, float step, float l1, float l2, float momentum, Tensor? mask) -> (Tensor, Tensor)");
 }

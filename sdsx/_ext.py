@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 
-OP_NAMES = ("nm_mask", "topk_mask", "obs_sweep", "prox_step")
+OP_NAMES = ("nm_mask", "topk_mask", "obs_sweep", "prox_step", "gram_upper_")
 _state: dict = {"loaded": None, "error": None, "build": {}}
 
 

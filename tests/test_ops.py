@@ -293,3 +293,35 @@ def test_all_ops_have_reference_wrapper_fake_and_tests():
             assert torch._library.simple_registry.singleton.find(f"sdsx::{name}").fake_impl.kernel is not None, name
     for (n, m), s in itertools.product(NM, SPARSITIES):
         assert 0 <= n < m and 0 < s < 1
+
+
+# ------------------------------------------------------------------------------- gram_upper_
+@pytest.mark.parametrize("tokens,features", [(1, 1), (5, 7), (300, 100), (257, 261), (1000, 577), (513, 1536)])
+def test_gram_upper_matches_xtx_on_the_upper_triangle(tokens, features):
+    """Odd sizes exercise every edge: partial register tiles, partial token slabs, partial row blocks."""
+    g = torch.Generator().manual_seed(tokens + features)
+    X = torch.randn(tokens, features, generator=g) * torch.rand(features, generator=g).add(0.1)
+    C0 = torch.randn(features, features, generator=g)
+    want = (C0.double() + X.double().t() @ X.double()).triu()
+    for fn in (ops.gram_upper_, ref.gram_upper_):
+        C = C0.clone()
+        assert fn(C, X) is C
+        torch.testing.assert_close(C.double().triu(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_gram_upper_on_a_row_slice_and_non_contiguous_input():
+    X = torch.randn(64, 300)
+    big = torch.zeros(300, 310)
+    C = big[:, :300]  # unit column stride, row stride 310
+    ops.gram_upper_(C, X.t().contiguous().t())  # X as a transposed view
+    torch.testing.assert_close(C.triu(), (X.t() @ X).triu(), rtol=1e-5, atol=1e-4)
+    assert bool((big[:, 300:] == 0).all())
+
+
+def test_gram_upper_errors():
+    with pytest.raises(ValueError, match="features"):
+        ops.gram_upper_(torch.zeros(3, 3), torch.zeros(5, 4))
+    with pytest.raises(TypeError, match="float32"):
+        ops.gram_upper_(torch.zeros(4, 4), torch.zeros(5, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unit column stride"):
+        ops.gram_upper_(torch.zeros(4, 4).t(), torch.zeros(5, 4))

@@ -13,7 +13,7 @@ from sdsx import _ext
 from sdsx.numerics import all_finite
 from sdsx.ops import reference
 
-__all__ = ["nm_mask", "topk_mask", "obs_sweep", "prox_step", "reference"]
+__all__ = ["gram_upper_", "nm_mask", "topk_mask", "obs_sweep", "prox_step", "reference"]
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -176,3 +176,30 @@ def prox_step(
     if _native("prox_step", Y):
         return _call_native("prox_step", Y, W_prev, G, float(step), float(l1), float(l2), float(momentum), mask)
     return reference.prox_step(Y, W_prev, G, float(step), float(l1), float(l2), float(momentum), mask)
+
+
+def gram_upper_(C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """In place ``C += X^T X`` on (at least) the upper triangle of ``C``; returns ``C``.
+
+    The statistics' hot loop: H = X^T X is symmetric, so only its upper triangle is worth
+    computing. On the CPU the native kernel skips every register tile below the diagonal (half the
+    flops of a GEMM, measured 12-16% faster than the blocked GEMMs of the reference at 576 and 1536
+    features); elsewhere, and without the extension, the reference does row-blocked GEMMs. Entries
+    below the diagonal are partly updated either way: read only the upper triangle.
+
+    Args:
+        C: (features, features) float32 with unit column stride, updated in place.
+        X: (tokens, features) float32.
+    """
+    if X.dim() != 2 or C.dim() != 2 or C.shape != (X.shape[1], X.shape[1]):
+        raise ValueError(f"need X (tokens, features) and C (features, features), got {tuple(X.shape)} and {tuple(C.shape)}")
+    if X.dtype != torch.float32 or C.dtype != torch.float32:
+        raise TypeError(f"X and C must be float32, got {X.dtype} and {C.dtype}")
+    if X.device != C.device:
+        raise ValueError(f"X is on {X.device} but C is on {C.device}")
+    if C.stride(1) != 1:
+        raise ValueError("C must have unit column stride (a row-major matrix or a row slice of one)")
+    # CPU only: on a GPU the library GEMM is the right tool, and the reference is exactly that.
+    if X.device.type == "cpu" and _native("gram_upper_", X):
+        return _call_native("gram_upper_", C, X)
+    return reference.gram_upper_(C, X)

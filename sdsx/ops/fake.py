@@ -33,3 +33,8 @@ def register() -> None:
     def _prox_step(Y, W_prev, G, step, l1, l2, momentum, mask):
         torch._check(Y.shape == W_prev.shape and Y.shape == G.shape, lambda: "prox_step: shapes differ")
         return torch.empty_like(Y), torch.empty_like(Y)
+
+    @torch.library.register_fake("sdsx::gram_upper_")
+    def _gram_upper_(C, X):
+        torch._check(X.dim() == 2 and C.shape == (X.shape[1], X.shape[1]), lambda: "gram_upper_: C must be features x features")
+        return C

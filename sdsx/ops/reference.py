@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["nm_mask", "topk_mask", "obs_sweep", "prox_step"]
+__all__ = ["gram_upper_", "nm_mask", "topk_mask", "obs_sweep", "prox_step"]
+
+#: Row blocks of the blocked upper-triangle Gram update: work (1 + 1/nb) / 2 of the full GEMM.
+#: Measured at 1536 features with 2048-4096-token chunks: 6 blocks 0.63-0.67 s, 4 blocks 0.67-0.78 s,
+#: 2 blocks 1.03-1.10 s for 16384 tokens; at 576 features all counts from 3 to 8 tie.
+GRAM_ROW_BLOCKS = 6
 
 
 def _keep_first(order: torch.Tensor, n_keep: int, shape: torch.Size) -> torch.Tensor:
@@ -108,3 +113,16 @@ def prox_step(
         W_next = torch.sign(Z) * torch.clamp(Z.abs() - step * l1, min=0)
     Y_next = W_next + momentum * (W_next - W_prev)
     return W_next, Y_next
+
+
+def gram_upper_(C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """C += X^T X on the upper block-triangle (row block i times the columns from block i on), in
+    row blocks of at least 128 features: what BLAS GEMMs can do without computing all of C. Entries
+    below the diagonal blocks are left untouched; callers keep the upper triangle."""
+    c = C.shape[0]
+    nb = max(1, min(GRAM_ROW_BLOCKS, c // 128))
+    step = -(-c // nb)
+    for i0 in range(0, c, step):
+        i1 = min(i0 + step, c)
+        C[i0:i1, i0:].addmm_(X[:, i0:i1].t(), X[:, i0:])
+    return C

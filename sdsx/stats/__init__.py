@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sdsx import ops
 from sdsx.numerics import all_finite
 
 __all__ = ["CrossGram", "GramAccumulator"]
@@ -13,10 +14,9 @@ __all__ = ["CrossGram", "GramAccumulator"]
 #: speed with 2048-4096 tokens; the chunk costs one copy of the inputs, which is noise next to it.
 CHUNK_BYTES = 32 << 20
 MAX_CHUNK_TOKENS = 4096
-#: The upper block-triangle is accumulated in this many row blocks (work (1 + 1/nb) / 2 of the full
-#: GEMM). Measured at 1536 features with 2048-4096-token chunks: 6 blocks 0.63-0.67 s, 4 blocks
-#: 0.67-0.78 s, 2 blocks 1.03-1.10 s for 16384 tokens; at 576 features all counts from 3 to 8 tie.
-ROW_BLOCKS = 6
+#: Below this many features the full X^T X is one GEMM; from here on only the upper triangle is
+#: accumulated (:func:`sdsx.ops.gram_upper_`) and ``finalize()`` mirrors it.
+UPPER_FROM = 256
 
 
 class GramAccumulator:
@@ -81,17 +81,12 @@ class GramAccumulator:
             self._filled = 0
 
     def _add_gram(self, x: torch.Tensor) -> None:
-        # H is symmetric: accumulate only the upper block-triangle (row block i times columns from
-        # block i on); finalize() mirrors it.
-        c = self.columns
-        nb = max(1, min(ROW_BLOCKS, c // 128))
-        if nb == 1:
+        # H is symmetric: from UPPER_FROM features on, accumulate only its upper triangle (the
+        # native kernel on the CPU); finalize() mirrors it.
+        if self.columns < UPPER_FROM:
             self.sum.addmm_(x.t(), x)
-            return
-        step = -(-c // nb)
-        for i0 in range(0, c, step):
-            i1 = min(i0 + step, c)
-            self.sum[i0:i1, i0:].addmm_(x[:, i0:i1].t(), x[:, i0:])
+        else:
+            ops.gram_upper_(self.sum, x)
 
     def finalize(self) -> torch.Tensor:
         """H = sum x x^T / T (or its diagonal). Releases the chunk buffer; the running sum becomes H
@@ -109,7 +104,7 @@ class GramAccumulator:
             bad = int((~torch.isfinite(diag)).sum())
             raise FloatingPointError(f"non-finite values (NaN/Inf, or overflow of x^2) in {bad} of the layer's {self.columns} input features")
         S = self.sum
-        if not self.diag_only and self.columns >= 256:
+        if not self.diag_only and self.columns >= UPPER_FROM:
             # only the upper triangle was accumulated: mirror it (the transposed strict upper part
             # is materialised before it is added, so S is never read and written at once)
             S.triu_()
