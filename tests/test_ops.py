@@ -34,7 +34,7 @@ def test_extension_loaded_when_required():
     info = sdsx.backend_info()
     if os.environ.get("SDSX_REQUIRE_EXTENSION"):
         assert info["extension_loaded"], info["extension_error"]
-        assert set(info["ops"]) >= {"nm_mask", "topk_mask", "obs_sweep", "prox_step"}
+        assert set(info["ops"]) >= {"nm_mask", "topk_mask", "obs_sweep", "prox_step", "gram_upper_"}
         assert info["openmp"]
 
 
