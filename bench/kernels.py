@@ -4,7 +4,8 @@
 
 Per op and weight shape (out x in) it reports the reference's and our median time, the speedup,
 whether the masks are identical, and for the OBS sweep its GFLOP/s next to a plain GEMM of the
-same size (W @ U, measured in the same run), which is the speed limit of the lazy block update.
+same size (W @ U, measured in the same run), which is the speed limit of the lazy block update;
+and the statistics' upper-triangle Gram update against the row-blocked GEMMs of its reference.
 """
 
 from __future__ import annotations
@@ -94,10 +95,28 @@ def bench_shape(rows: int, cols: int, repeats: int, ref_repeats: int) -> list[di
     return out
 
 
+def bench_gram(cols: int, repeats: int, tokens: int = 4096) -> dict:
+    """The statistics' update C += X^T X (upper triangle) for one 4096-token chunk: the reference's
+    row-blocked GEMMs against the native kernel, with the full GEMM as the yardstick."""
+    g = torch.Generator().manual_seed(cols)
+    X = torch.randn(tokens, cols, generator=g)
+    C_ref, C_ext, C_full = (torch.zeros(cols, cols) for _ in range(3))
+    ref_ms, _ = timeit(lambda: ref.gram_upper_(C_ref.zero_(), X), repeats)
+    ext_ms, _ = timeit(lambda: ops.gram_upper_(C_ext.zero_(), X), repeats)
+    gemm_ms, _ = timeit(lambda: C_full.zero_().addmm_(X.t(), X), repeats)
+    same = bool(torch.allclose(C_ref.triu(), C_ext.triu(), rtol=1e-4, atol=1e-3))
+    useful = tokens * cols * (cols + 1)  # flops of the upper triangle (multiply-adds x 2)
+    return dict(op="gram_upper_", shape=f"{tokens}x{cols} (tokens x in)", ref_ms=ref_ms, ext_ms=ext_ms, speedup=ref_ms / ext_ms,
+                identical_masks=same, sweep_gflops=useful / ext_ms / 1e6, gemm_ms=gemm_ms,
+                gemm_gflops=2 * tokens * cols * cols / gemm_ms / 1e6)
+
+
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Kernel benchmark: {meta['threads']} thread(s), torch {meta['torch']}, {meta['machine']}; "
-        "median ms; identical = same mask (bool ops) / same values within 1e-6 (prox_step).",
+        "median ms; identical = same mask (bool ops) / same values within 1e-6 (prox_step) / same upper "
+        "triangle within 1e-4 relative (gram_upper_). GFLOP/s: the OBS sweep's r*c^2 flops, or the "
+        "upper triangle's useful flops for gram_upper_; GEMM: a full GEMM of the same size, same run.",
         "",
         "| op | shape (out x in) | reference ms | sdsx ms | speedup | identical | sweep GFLOP/s | GEMM GFLOP/s |",
         "|---|---|---:|---:|---:|---|---:|---:|",
@@ -138,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                 r["set"] = group
                 print(f"{r['op']:>22} {r['shape']:>10}: ref {r['ref_ms']:9.2f} ms  sdsx {r['ext_ms']:9.2f} ms  {r['speedup']:6.2f}x", flush=True)
             results.extend(res)
+        for cols in sorted({c for _, c in SHAPES[group]}):
+            r = bench_gram(cols, repeats=args.repeats)
+            r["set"] = group
+            print(f"{r['op']:>22} {cols:>10}: ref {r['ref_ms']:9.2f} ms  sdsx {r['ext_ms']:9.2f} ms  {r['speedup']:6.2f}x", flush=True)
+            results.append(r)
     md = to_markdown(results, meta)
     print()
     print(md)
