@@ -101,9 +101,22 @@ def bench_gram(cols: int, repeats: int, tokens: int = 4096) -> dict:
     g = torch.Generator().manual_seed(cols)
     X = torch.randn(tokens, cols, generator=g)
     C_ref, C_ext, C_full = (torch.zeros(cols, cols) for _ in range(3))
-    ref_ms, _ = timeit(lambda: ref.gram_upper_(C_ref.zero_(), X), repeats)
-    ext_ms, _ = timeit(lambda: ops.gram_upper_(C_ext.zero_(), X), repeats)
-    gemm_ms, _ = timeit(lambda: C_full.zero_().addmm_(X.t(), X), repeats)
+    fns = dict(
+        ref=lambda: ref.gram_upper_(C_ref.zero_(), X),
+        ext=lambda: ops.gram_upper_(C_ext.zero_(), X),
+        gemm=lambda: C_full.zero_().addmm_(X.t(), X),
+    )
+    # interleaved repeats: this machine's speed drifts within seconds, and three back-to-back
+    # blocks of repeats would each see a different machine
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    ref_ms, ext_ms, gemm_ms = (statistics.median(times[k]) for k in ("ref", "ext", "gemm"))
     same = bool(torch.allclose(C_ref.triu(), C_ext.triu(), rtol=1e-4, atol=1e-3))
     useful = tokens * cols * (cols + 1)  # flops of the upper triangle (multiply-adds x 2)
     return dict(op="gram_upper_", shape=f"{tokens}x{cols} (tokens x in)", ref_ms=ref_ms, ext_ms=ext_ms, speedup=ref_ms / ext_ms,

@@ -54,44 +54,24 @@ void tile_generic(int64_t kc, const float* a, const float* b, float* c, int64_t 
 // FMAs, so the FMA units, not the loads, set the pace.
 __attribute__((target("avx2,fma"))) void tile_avx2(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
                                                    int64_t mr, int64_t nr) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  __m256 acc0[kMR], acc1[kMR];  // columns 0-7 and 8-15 of each row: twelve registers once unrolled
+#pragma GCC unroll 6
+  for (int64_t r = 0; r < kMR; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_load_ps(b + k * kNR), b1 = _mm256_load_ps(b + k * kNR + 8);
-    const float* ak = a + k * kMR;
-    __m256 av = _mm256_broadcast_ss(ak + 0);
-    c00 = _mm256_fmadd_ps(av, b0, c00);
-    c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(ak + 1);
-    c10 = _mm256_fmadd_ps(av, b0, c10);
-    c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(ak + 2);
-    c20 = _mm256_fmadd_ps(av, b0, c20);
-    c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(ak + 3);
-    c30 = _mm256_fmadd_ps(av, b0, c30);
-    c31 = _mm256_fmadd_ps(av, b1, c31);
-    av = _mm256_broadcast_ss(ak + 4);
-    c40 = _mm256_fmadd_ps(av, b0, c40);
-    c41 = _mm256_fmadd_ps(av, b1, c41);
-    av = _mm256_broadcast_ss(ak + 5);
-    c50 = _mm256_fmadd_ps(av, b0, c50);
-    c51 = _mm256_fmadd_ps(av, b1, c51);
+#pragma GCC unroll 6
+    for (int64_t r = 0; r < kMR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + k * kMR + r);
+      acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
+    }
   }
   alignas(32) float acc[kMR][kNR];
-  _mm256_store_ps(acc[0], c00);
-  _mm256_store_ps(acc[0] + 8, c01);
-  _mm256_store_ps(acc[1], c10);
-  _mm256_store_ps(acc[1] + 8, c11);
-  _mm256_store_ps(acc[2], c20);
-  _mm256_store_ps(acc[2] + 8, c21);
-  _mm256_store_ps(acc[3], c30);
-  _mm256_store_ps(acc[3] + 8, c31);
-  _mm256_store_ps(acc[4], c40);
-  _mm256_store_ps(acc[4] + 8, c41);
-  _mm256_store_ps(acc[5], c50);
-  _mm256_store_ps(acc[5] + 8, c51);
+#pragma GCC unroll 6
+  for (int64_t r = 0; r < kMR; ++r) {
+    _mm256_store_ps(acc[r], acc0[r]);
+    _mm256_store_ps(acc[r] + 8, acc1[r]);
+  }
   if (nr == kNR) {
     for (int64_t r = 0; r < mr; ++r) {
       float* cr = c + r * ldc;
