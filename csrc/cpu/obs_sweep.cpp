@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_sweep_cpu(const at::Tensor& W
 
     const Block blk{u, cols, i1, cnt, n, m, panel_width(m), rows_pad};
     at::parallel_for(0, tiles, 1, [&, w, mk, cols, i1, cnt, nm](int64_t b, int64_t e) {
-      // The lambda's own copies of the pointers and sizes: the tile's char stores may alias
+      // The lambda's own copies of the pointers and sizes: the mask's bool stores may alias
       // anything reached through a reference, which would reload them on every element.
       std::vector<float> tile_buf(cnt * kTile);
       std::vector<int32_t> keep_buf(cnt * kTile, 1);

@@ -183,8 +183,9 @@ def gram_upper_(C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 
     The statistics' hot loop: H = X^T X is symmetric, so only its upper triangle is worth
     computing. On the CPU the native kernel skips every register tile below the diagonal (half the
-    flops of a GEMM, measured 12-16% faster than the blocked GEMMs of the reference at 576 and 1536
-    features); elsewhere, and without the extension, the reference does row-blocked GEMMs. Entries
+    flops of a GEMM; 1.02x and 1.11x the speed of the reference's row-blocked GEMMs at 576 and 1536
+    features in bench/results/kernels.md, and the whole pipeline's statistics took 8% less time);
+    elsewhere, and without the extension, the reference does row-blocked GEMMs. Entries
     below the diagonal are partly updated either way: read only the upper triangle.
 
     Args:
