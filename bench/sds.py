@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-variants", action="store_true", help="run the --variants without the default SDS")
     p.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     p.add_argument("--ops", action="store_true", help="also run the prox_step / Gram-vs-token measurements")
+    p.add_argument("--holdout", type=float, default=0.15,
+                   help="fraction at the end of the calibration text's token stream kept out of calibration: the "
+                        "validation text whose perplexity chooses defaults (0: old protocol, windows from all of it)")
+    p.add_argument("--val-windows", type=int, default=32, help="512-token windows of validation perplexity (held-out calib text)")
+    p.add_argument("--other", default=str(DATA / "calib" / "brown_corpus.txt"),
+                   help="another text (not the test) scored like the validation text, windows spread evenly over it")
+    p.add_argument("--validation", default="auto", help="sds_prune's held-out calibration sequences (auto, a count, 0)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "sds.json")
@@ -133,11 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     from sdsx.model.smollm2 import load_smollm2
 
     model, tok = load_smollm2()
-    calib = calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    text = load_text(args.wikitext)
-    from sdsx.data.calibration import encode
+    from sdsx.data.calibration import _windows, encode
 
+    if args.holdout > 0:
+        ids = encode(tok, load_text(args.calib))
+        cut = int(ids.numel() * (1 - args.holdout))
+        gen = torch.Generator().manual_seed(int(args.seed))
+        calib = _windows(ids[:cut], args.nsamples, args.seqlen, gen, args.calib)
+        val_ids = ids[cut:]
+    else:
+        calib = calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        val_ids = None
+    text = load_text(args.wikitext)
     eval_ids = encode(tok, text)
+    other_ids = None
+    if args.other:
+        oids = encode(tok, load_text(args.other))
+        step = oids.numel() // args.val_windows
+        other_ids = torch.cat([oids[i * step : i * step + args.eval_seqlen] for i in range(args.val_windows)])
+    validation = None if args.validation in ("0", "none", "None") else (args.validation if args.validation == "auto" else _value(args.validation))
     base_opts = parse_sets(args.set)
     variants = [] if args.only_variants else [("sds", base_opts)]
     variants += [(name, {**base_opts, **opts}) for name, opts in (parse_variant(v) for v in args.variants.split(";") if v)]
@@ -146,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         eval="WikiText-2 test", eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
         eval_tokens=min(args.max_windows or 10**9, eval_ids.numel() // args.eval_seqlen) * args.eval_seqlen,
         threads=args.threads, torch=torch.__version__, machine=platform.machine(), schedule=args.schedule,
-        defaults=SDSOptions().to_dict(),
+        defaults=SDSOptions().to_dict(), holdout=args.holdout, val_windows=args.val_windows, other=args.other,
+        validation=args.validation, seed=args.seed,
     )
     rows: list[dict] = []
 
@@ -157,12 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     def ppl(m):
         return sdsx.perplexity(m, eval_ids, seqlen=args.eval_seqlen, max_windows=args.max_windows, progress=False)
 
+    def scores(m) -> dict:
+        """Validation perplexity (held-out calibration text: what defaults are chosen on), another
+        text's, and the test text's (WikiText-2)."""
+        out = {}
+        if val_ids is not None:
+            out["ppl_val"] = sdsx.perplexity(m, val_ids, seqlen=args.eval_seqlen, max_windows=args.val_windows, progress=False)
+        if other_ids is not None:
+            out["ppl_other"] = sdsx.perplexity(m, other_ids, seqlen=args.eval_seqlen, progress=False)
+        out["ppl"] = ppl(m)
+        return out
+
     if args.ops:
         meta["ops"] = ops_bench(model, calib, args.threads, args.ops_samples)
         print(json.dumps(meta["ops"], indent=2), flush=True)
         save()
     if args.dense:
-        rows.append(dict(method="dense", pattern="-", ppl=ppl(model), seconds=0.0))
+        rows.append(dict(method="dense", pattern="-", **scores(model), seconds=0.0))
         print(rows[-1], flush=True)
         save()
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -173,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_base:
                 model.load_state_dict(fresh)
                 t0 = time.perf_counter()
-                rep = sdsx.prune(model, calib, pruner, spec, progress=False)
+                base_val = None if validation is None else (max(2, round(args.nsamples / 8)) if validation == "auto" else validation)
+                rep = sdsx.prune(model, calib, pruner, spec, progress=False, validation=base_val)
                 seconds = time.perf_counter() - t0  # pruning only, not the evaluation
-                rows.append(dict(method=pruner, pattern=pattern, ppl=ppl(model), seconds=seconds,
-                                 forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error))
+                rows.append(dict(method=pruner, pattern=pattern, **scores(model), seconds=seconds,
+                                 forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error, blocks=rep.blocks))
                 print(rows[-1], flush=True)
                 save()
             if args.no_sds:
@@ -184,12 +218,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, opts in variants:
                 model.load_state_dict(fresh)
                 t0 = time.perf_counter()
-                rep = sdsx.sds_prune(model, calib, spec, pruner, schedule=args.schedule, progress=False, **opts)
+                val_opt = validation if args.schedule == "interleaved" else None
+                rep = sdsx.sds_prune(model, calib, spec, pruner, schedule=args.schedule, progress=False, validation=val_opt, **opts)
                 seconds = time.perf_counter() - t0
-                rows.append(dict(method=f"{name}-{pruner}", pattern=pattern, options=opts, ppl=ppl(model),
+                agree = [e["mask_agreement"] for e in rep.phase_errors.values() if "mask_agreement" in e]
+                rows.append(dict(method=f"{name}-{pruner}", pattern=pattern, options=opts, **scores(model),
                                  seconds=seconds, forward_s=rep.forward_s, stats_s=rep.stats_s,
                                  solver_s=rep.solver_s, error=rep.total_error, improved_layers=rep.improved_layers,
-                                 kept_phase1=len(rep.kept_phase1), layers=len(rep.phase_errors), passes=rep.passes))
+                                 kept_phase1=len(rep.kept_phase1), layers=len(rep.phase_errors), passes=rep.passes,
+                                 kept_blocks=rep.kept_blocks, blocks=rep.blocks,
+                                 mask_agreement=sum(agree) / len(agree) if agree else None,
+                                 phase_errors=rep.phase_errors))
                 print({k: v for k, v in rows[-1].items()}, flush=True)
                 save()
     md = to_markdown(meta, rows)
@@ -205,8 +244,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         f"perplexity on {meta['eval']} ({meta['eval_tokens']:,} tokens in {meta['eval_seqlen']}-token windows), "
         f"{meta['threads']} thread(s), schedule {meta['schedule']}",
         "",
-        "| method | pattern | options | perplexity | wall s | vs base time | calib error | layers improved |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| method | pattern | options | val ppl | other-text ppl | WikiText-2 ppl | wall s | vs base time | calib error | layers improved | blocks kept phase 1 | mask agreement |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {(r["method"], r["pattern"]): r for r in rows}
     for r in rows:
@@ -216,7 +255,12 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         opts = ",".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
         imp = f"{r['improved_layers']}/{r['layers']}" if "improved_layers" in r else ""
         err = f"{r['error']:.4g}" if r.get("error") is not None else ""
-        lines.append(f"| {r['method']} | {r['pattern']} | {opts} | {r['ppl']:.2f} | {r['seconds']:.0f} | {ratio} | {err} | {imp} |")
+        val = f"{r['ppl_val']:.2f}" if "ppl_val" in r else ""
+        other = f"{r['ppl_other']:.2f}" if "ppl_other" in r else ""
+        kept = f"{len(r['kept_blocks'])}/{len(r['blocks'])}" if r.get("blocks") and "kept_blocks" in r else ""
+        agree = f"{r['mask_agreement']:.2%}" if r.get("mask_agreement") is not None else ""
+        lines.append(f"| {r['method']} | {r['pattern']} | {opts} | {val} | {other} | {r['ppl']:.2f} | {r['seconds']:.0f} | {ratio} | {err} | "
+                     f"{imp} | {kept} | {agree} |")
     if "ops" in meta:
         o = meta["ops"]
         lines += [

@@ -23,7 +23,10 @@ from sdsx.pruners import FactorCache, PruneResult, SparsitySpec, magnitude, spar
 
 log = logging.getLogger("sdsx")
 
-__all__ = ["METHODS", "LayerReport", "Plan", "PruneReport", "layer_function", "open_checkpoint", "prune", "report_from", "run_driver", "validate"]
+__all__ = [
+    "METHODS", "LayerReport", "Plan", "PruneReport", "layer_function", "open_checkpoint", "prune", "report_from", "run_driver",
+    "split_validation", "validate",
+]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -66,6 +69,14 @@ class PruneReport:
     peak_memory_kind: str = "tracked"
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
+    validation_samples: int = 0
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # per block: validation deviations and choice
+
+    @property
+    def deviation(self) -> list[float]:
+        """The validation hidden-state deviation from the dense model after each block (the error over
+        depth; :func:`sdsx.model.driver.hidden_deviation`), for the weights kept."""
+        return [b["deviation"][b["chosen"]] for b in sorted(self.blocks, key=lambda b: b["block"])]
 
     @property
     def numel(self) -> int:
@@ -144,6 +155,8 @@ def report_from(result: DriverResult, method: str, spec: SparsitySpec, options: 
         peak_memory_kind="cuda" if on_cuda else "tracked",
         device=result.device,
         options=dict(options or {}),
+        validation_samples=result.validation_samples,
+        blocks=list(result.blocks),
     )
 
 
@@ -213,6 +226,42 @@ def validate(
     return Plan(spec, [b.long() for b in batches])
 
 
+def split_validation(plan: Plan, validation: int | float | None, batch_size: int = 1) -> tuple[Plan, torch.Tensor | None]:
+    """Hold out calibration sequences for validation: ``validation`` is a count of sequences (int
+    >= 1) or a fraction of them (float in (0, 1)); None or 0 holds out nothing. The last sequences
+    are held out (the windows are sampled at random, so the last are as random as any). Returns the
+    plan of the fitting sequences and the held-out ids (k, L), or None."""
+    if validation is None or validation == 0 or plan.batches is None:
+        return plan, None
+    if isinstance(validation, bool) or not isinstance(validation, (int, float)):
+        raise TypeError(f"validation must be a count of calibration sequences or a fraction in (0, 1), got {validation!r}")
+    seqs = [row for b in plan.batches for row in b]
+    total = len(seqs)
+    if isinstance(validation, float):
+        if not 0 < validation < 1:
+            raise ValueError(f"a validation fraction must lie in (0, 1), got {validation}; or give a count of sequences")
+        count = max(1, round(validation * total))
+    else:
+        count = validation
+    if count < 0 or count >= total:
+        raise ValueError(
+            f"validation={validation!r} holds out {count} of the {total} calibration sequences; at least one must stay "
+            "for fitting: give more calibration sequences or a smaller validation"
+        )
+    held = seqs[total - count:]
+    if len({s.numel() for s in held}) > 1:
+        raise ValueError("the held-out validation sequences must have one length; give calibration windows of one seqlen")
+    fit = seqs[: total - count]
+    fit_batches: list[torch.Tensor] = []
+    for i in range(0, len(fit), batch_size):
+        group = fit[i : i + batch_size]
+        if len({s.numel() for s in group}) == 1:
+            fit_batches.append(torch.stack(group))
+        else:
+            fit_batches.extend(s.unsqueeze(0) for s in group)
+    return Plan(plan.spec, fit_batches), torch.stack(held)
+
+
 # ------------------------------------------------------------------------------- layer functions
 def _sparsegpt_shared(spec: SparsitySpec, blocksize: int, percdamp: float, report_error: bool) -> LayerFn:
     """SparseGPT whose Hessian factorization is reused by linears that share their input (q/k/v,
@@ -276,6 +325,8 @@ def run_driver(
     pass_name: str = "prune",
     state: BlockState | None = None,
     after_block: Callable[[int], None] | None = None,
+    validation: torch.Tensor | None = None,
+    block_choice: Callable | None = None,
 ) -> DriverResult:
     """Run the block-sequential driver for a validated plan (shared by every pruning entry point)."""
     driver = BlockDriver(
@@ -283,7 +334,7 @@ def run_driver(
         **(driver_options or {}),
     )
     return driver.run(plan.batches if stats != "none" else None, layer_fn, checkpoint=checkpoint, pass_name=pass_name, state=state,
-                      after_block=after_block)
+                      after_block=after_block, validation=validation, block_choice=block_choice)
 
 
 def open_checkpoint(
@@ -324,6 +375,7 @@ def prune(
     batch_size: int = 1,
     checkpoint_dir: str | os.PathLike | None = None,
     save_activations: bool | None = None,
+    validation: int | float | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block of ``model`` in place, in one shot.
 
@@ -350,6 +402,11 @@ def prune(
             :mod:`sdsx.checkpoint`). The folder is left in place; remove it when done.
         save_activations: whether the checkpoint stores the next block's inputs (default: when
             they take at most 2 GiB; otherwise a resume re-runs the finished blocks).
+        validation: also measure, after every block, how far the hidden states of this many held-out
+            calibration sequences (a count, or a fraction in (0, 1)) are from the dense model's
+            (``report.deviation``, the error over depth). The pruner still sees every calibration
+            sequence (its H covers them all), so the weights are those of a run without it, up to
+            rounding; needs SparseGPT or Wanda (the full H).
     Returns:
         A :class:`PruneReport`.
     """
@@ -360,21 +417,30 @@ def prune(
     method = method.lower()
     spec = SparsitySpec.parse(sparsity)
     layer_fn, stats = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=report_error)
+    if validation and stats != "full":
+        stats = "full"  # the validation statistics need the full Gram; the pruner reads what it needs
+        layer_fn, _ = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=True)
     plan = validate(model, calib, spec, need_calib=stats != "none", batch_size=batch_size)
     if stats == "none" and plan.batches is not None:
         plan = Plan(plan.spec, None)
+    plan, held = split_validation(plan, validation, batch_size)
+    if held is not None:
+        inner = layer_fn
+        layer_fn = lambda name, W, H, split=None: inner(name, W, H)  # noqa: E731 (the pruner ignores the split)
     options = dict(blocksize=blocksize, percdamp=percdamp, offload=offload, report_error=report_error, batch_size=batch_size)
+    if held is not None:
+        options["validation"] = int(held.shape[0])
     fingerprint_options = {k: v for k, v in options.items() if k != "offload"}  # offload moves data, changes nothing
     checkpoint = open_checkpoint(checkpoint_dir, model, plan, dict(fingerprint_options, method=method), save_activations)
     result = run_driver(
         model, plan, layer_fn, stats, device=device, offload=offload, progress=progress,
-        desc=f"{method} {spec}", batch_size=batch_size, checkpoint=checkpoint,
+        desc=f"{method} {spec}", batch_size=batch_size, checkpoint=checkpoint, validation=held,
     )
     report = report_from(result, method, spec, options)
     report.total_s = max(result.total_s, time.perf_counter() - start)  # a resumed run includes its earlier part
     if plan.batches is not None:
-        report.nsamples = sum(b.shape[0] for b in plan.batches)
-        report.tokens = sum(b.numel() for b in plan.batches)
+        report.nsamples = sum(b.shape[0] for b in plan.batches) + (0 if held is None else int(held.shape[0]))
+        report.tokens = sum(b.numel() for b in plan.batches) + (0 if held is None else held.numel())
     log.info(
         "%s %s: %.2f%% of %d weights pruned in %.1fs (forward %.1fs, statistics %.1fs, solver %.1fs)",
         method, spec, 100 * report.overall_sparsity, report.numel, report.total_s,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, validate
+from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, split_validation, validate
 from sdsx.model.blocks import find_blocks, get_weight, model_linears
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error
 from sdsx.pruners.sds import (
@@ -54,6 +54,7 @@ class SDSReport(PruneReport):
     parallel: dict[str, Any] = field(default_factory=dict)  # "parallel" schedule: world size, per-rank timings
     phase_errors: dict[str, dict[str, float]] = field(default_factory=dict)
     kept_phase1: list[str] = field(default_factory=list)
+    kept_blocks: list[int] = field(default_factory=list)  # blocks the validation guard gave phase 1's weights
     histogram_layer: str | None = None
     histograms: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +71,19 @@ class SDSReport(PruneReport):
             f"schedule {self.schedule}, {self.passes} calibration pass(es); final error below phase 1's on "
             f"{self.improved_layers} of {len(self.phase_errors)} layers; phase 1 kept on {len(self.kept_phase1)}",
         ]
+        if self.blocks:
+            lines += [
+                "",
+                f"validation: {self.validation_samples} held-out calibration sequences; the block guard kept phase 1 on "
+                f"{len(self.kept_blocks)} of {len(self.blocks)} blocks",
+                "",
+                "| block | deviation, phase 1 weights | deviation, SDS weights | kept |",
+                "|---:|---:|---:|---|",
+            ]
+            for b in sorted(self.blocks, key=lambda b: b["block"]):
+                d = b["deviation"]
+                cells = " | ".join(f"{d[k]:.4g}" if k in d else "" for k in ("phase1", "sds"))
+                lines.append(f"| {b['block']} | {cells} | {b['chosen']} |")
         if per_layer and self.phase_errors:
             phases = [p for p in ("sparse", "dense", "sparse2", "adjust", "final") if any(p in e for e in self.phase_errors.values())]
             lines += ["", "| layer | " + " | ".join(phases) + " | kept phase 1 |", "|---|" + "---:|" * len(phases) + "---|"]
@@ -159,6 +173,7 @@ def sds_prune(
     batch_size: int = 1,
     checkpoint_dir: str | os.PathLike | None = None,
     save_activations: bool | None = None,
+    validation: int | float | str | None = "auto",
     **overrides: Any,
 ) -> SDSReport:
     """Prune ``model`` in place with Sparse-Dense-Sparse.
@@ -182,6 +197,14 @@ def sds_prune(
         device, offload, progress, batch_size, checkpoint_dir, save_activations: as for
             :func:`sdsx.prune`; a checkpointed run saves after every block of every pass (the
             phased schedule's three passes each) and resumes at the first unfinished one.
+        validation: calibration sequences held out from phases 2/3 (a count, or a fraction in
+            (0, 1)); "auto" (default) holds out 1/8 of them (at least 2) with the interleaved
+            schedule when there are at least 8, else none; None or 0 none. Phase 1 still prunes on
+            all sequences (it equals the base pruner); phases 2/3 fit on the rest; the held-out ones
+            decide, per layer (``keep_better``) and per block (``block_guard``), whether SDS's
+            weights or phase 1's are kept, and when the adjustment stops (``early_stop``). The
+            report's ``blocks`` give the validation hidden-state deviation from the dense model
+            after every block for both weight sets (the error over depth).
     Returns:
         An :class:`SDSReport` (None on ranks 1..N-1 of a distributed "parallel" run).
     """
@@ -217,31 +240,51 @@ def sds_prune(
     spec = SparsitySpec.parse(sparsity)
     plan = validate(model, calib, spec, need_calib=True, batch_size=batch_size)
     _check_not_sparse(model, spec)
+    nseq = sum(b.shape[0] for b in plan.batches)
+    if validation == "auto":
+        validation = max(2, round(nseq / 8)) if (schedule == "interleaved" and nseq >= 8) else None
+    elif isinstance(validation, str):
+        raise ValueError(f"validation must be 'auto', a count of calibration sequences, a fraction in (0, 1) or None, got {validation!r}")
+    if validation and schedule != "interleaved":
+        raise ValueError(f"validation windows run with schedule='interleaved', not {schedule!r}; pass validation=None")
+    plan, held = split_validation(plan, validation, batch_size)
     if histogram_layer is None:
         histogram_layer = next(iter(model_linears(model)))
 
-    checkpoint = open_checkpoint(
-        checkpoint_dir, model, plan, dict(opts.to_dict(), schedule=schedule, batch_size=batch_size), save_activations
-    )
+    run_options = dict(opts.to_dict(), schedule=schedule, batch_size=batch_size)
+    if held is not None:
+        run_options["validation"] = int(held.shape[0])
+    checkpoint = open_checkpoint(checkpoint_dir, model, plan, run_options, save_activations)
     common = dict(device=device, offload=offload, progress=progress, batch_size=batch_size, checkpoint=checkpoint)
 
     if schedule == "interleaved":
-        shared = SharedH(opts)
+        shared, shared_fit = SharedH(opts), SharedH(opts)
         state = _SDSState(histogram_layer)
         phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
+        candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this block's (SDS, phase 1) weights
 
-        def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor | None, C: torch.Tensor | None = None) -> PruneResult:
-            res = sds_layer(W, H, spec, opts, name=name, keep_weights=name == histogram_layer, shared=shared, C=C)
+        def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor | None, C: torch.Tensor | None = None, split=None) -> PruneResult:
+            res = sds_layer(W, H, spec, opts, name=name, keep_weights=name == histogram_layer, shared=shared, C=C,
+                            split=split, shared_fit=shared_fit)
             res.errors["final"] = res.result.loss
             phase_errors[name] = res.errors
             if res.kept_phase1:
                 kept.append(name)
             if res.weights:
                 snaps.update({k: v for k, v in res.weights.items() if k in PHASES})
+            if held is not None and opts.block_guard:
+                candidates[name] = (res.result.weight, res.phase1)
             return res.result
 
+        def block_choice(index: int) -> list[tuple[str, dict[str, torch.Tensor]]]:
+            sds_w = {n: c[0] for n, c in candidates.items()}
+            p1_w = {n: c[1] for n, c in candidates.items()}
+            candidates.clear()
+            return [("sds", sds_w), ("phase1", p1_w)]
+
         result = run_driver(model, plan, layer_fn, "full", desc=f"sds-{opts.pruner} {spec}", pass_name="sds", state=state,
-                            driver_options=dict(dense_stream=opts.target == "dense"), **common)
+                            driver_options=dict(dense_stream=opts.target == "dense"), validation=held,
+                            block_choice=block_choice if (held is not None and opts.block_guard) else None, **common)
         passes = 1
     elif schedule == "phased":
         result, passes, state = _phased(model, plan, spec, opts, histogram_layer, common)
@@ -250,8 +293,13 @@ def sds_prune(
         result, state, par = _parallel(model, plan, spec, opts, histogram_layer, common)
         phase_errors, kept, snaps, passes = state.phase_errors, state.kept, state.snaps, 1
 
-    report = report_from(result, f"sds-{opts.pruner}", spec, dict(opts.to_dict(), schedule=schedule))
-    report = SDSReport(**vars(report), schedule=schedule, passes=passes, phase_errors=phase_errors, kept_phase1=kept)
+    report = report_from(result, f"sds-{opts.pruner}", spec, run_options)
+    if held is not None:
+        report.nsamples += int(held.shape[0])
+        report.tokens += held.numel()
+    kept_blocks = [b["block"] for b in result.blocks if b.get("chosen") == "phase1"]
+    report = SDSReport(**vars(report), schedule=schedule, passes=passes, phase_errors=phase_errors, kept_phase1=kept,
+                       kept_blocks=kept_blocks)
     report.histogram_layer = histogram_layer
     if schedule == "parallel":
         report.parallel = par.to_dict()

@@ -18,7 +18,7 @@ import sdsx  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--kind", choices=["sparsegpt", "sds", "phased", "wanda"], required=True)
+    p.add_argument("--kind", choices=["sparsegpt", "sds", "sdsval", "phased", "wanda"], required=True)
     p.add_argument("--ckpt")
     p.add_argument("--out", required=True)
     p.add_argument("--layers", type=int, default=4)
@@ -36,7 +36,10 @@ def main() -> None:
         sdsx.prune(model, calib, args.kind, args.sparsity, **common)
     else:
         schedule = "phased" if args.kind == "phased" else "interleaved"
-        sdsx.sds_prune(model, calib, args.sparsity, "sparsegpt", schedule=schedule, dense_iters=6, adjust_iters=3, **common)
+        # "sdsval": validation windows, whose two hidden-state streams travel with the checkpoint
+        validation = 2 if args.kind == "sdsval" else None
+        sdsx.sds_prune(model, calib, args.sparsity, "sparsegpt", schedule=schedule, dense_iters=6, adjust_iters=3,
+                       validation=validation, **common)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)

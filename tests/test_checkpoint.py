@@ -36,7 +36,7 @@ def baselines(tmp_path_factory):
     """Uninterrupted runs (no checkpoint) of each job kind, made once."""
     root = tmp_path_factory.mktemp("baseline")
     out = {}
-    for kind in ("sparsegpt", "sds", "phased"):
+    for kind in ("sparsegpt", "sds", "sdsval", "phased"):
         path = root / f"{kind}.safetensors"
         proc = _run(["--kind", kind, "--out", str(path)])
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,6 +52,8 @@ SCENARIOS = [
     ("sparsegpt", "auto", ["layer:3", "write:2", "layer:9"]),
     ("sparsegpt", "no", ["write:4", "layer:12"]),  # inputs recomputed from the restored blocks
     ("sds", "auto", ["layer:8", "write:3", "write:1"]),
+    ("sdsval", "auto", ["layer:9", "write:3"]),
+    ("sdsval", "no", ["write:2", "layer:14"]),  # the main inputs recomputed, the validation streams restored
     ("phased", "auto", ["layer:5", "write:6", "layer:20", "layer:2"]),
 ]
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sdsx")
 
-__all__ = ["BlockDriver", "BlockState", "DriverResult", "LayerRecord", "LayerFn", "STAT_KINDS", "as_batches"]
+__all__ = ["BlockChoice", "BlockDriver", "BlockState", "DriverResult", "LayerRecord", "LayerFn", "STAT_KINDS", "as_batches", "hidden_deviation"]
 
 #: ``layer_fn(qualified_name, weight (out, in) on the compute device, H or None) -> PruneResult``;
 #: H is the (in, in) Gram matrix X X^T / T, or its diagonal (in,) with ``stats="diag"``, or None
@@ -84,6 +84,8 @@ class DriverResult:
     device: str = "cpu"
     nsamples: int = 0
     tokens: int = 0
+    validation_samples: int = 0  # calibration sequences held out from fitting (0: no validation)
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # per block: validation deviations, choice
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -168,6 +170,43 @@ def as_batches(calib: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 1
         for start in range(0, seq.shape[0], batch_size):
             batches.append(seq[start : start + batch_size])
     return batches
+
+
+def hidden_deviation(out: list[torch.Tensor], target: list[torch.Tensor]) -> float:
+    """Mean over tokens of ||h - h_d||^2 / ||h_d||^2: how far the hidden states ``out`` are from the
+    dense model's ``target``. Per token, so that the few tokens with massive activations (the
+    attention sink) do not drown the others."""
+    total, count = 0.0, 0
+    for h, d in zip(out, target):
+        h, d = h.float(), d.to(h.device).float()
+        num = (h - d).pow(2).sum(-1)
+        den = d.pow(2).sum(-1).clamp_min(1e-20)
+        total += float((num / den).sum())
+        count += num.numel()
+    return total / max(count, 1)
+
+
+#: ``block_choice(index) -> [(label, {linear name: weight}), ...]``: candidate weight sets for the
+#: block just solved (the weights written back are the first candidate). The driver keeps the one
+#: whose output on the validation windows is closest to the dense model's hidden state.
+BlockChoice = Callable[[int], "list[tuple[str, dict[str, torch.Tensor]]]"]
+
+
+class _Validation:
+    """The held-out calibration windows: their hidden states in the model pruned so far
+    (``pruned``) and in the dense model (``dense``), one (b, L, hidden) tensor per batch each."""
+
+    def __init__(self, pruned: list[torch.Tensor]) -> None:
+        self.pruned = pruned
+        self.dense = [x.clone() for x in pruned]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.pruned + self.dense
+
+    def load(self, stored: list[torch.Tensor]) -> None:
+        n = len(self.pruned)
+        for x, saved in zip(self.pruned + self.dense, stored[-2 * n:]):
+            x.copy_(saved)
 
 
 class BlockDriver:
@@ -465,6 +504,8 @@ class BlockDriver:
         pass_name: str = "prune",
         state: BlockState | None = None,
         after_block: Callable[[int], None] | None = None,
+        validation: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        block_choice: BlockChoice | None = None,
     ) -> DriverResult:
         """Apply ``layer_fn`` to every linear of every block, in place.
 
@@ -494,6 +535,11 @@ class BlockDriver:
         arguments: dict[tuple, tuple] = {}
         if self.dense_stream and checkpoint is not None:
             raise ValueError("the dense-target variant (a second activation stream) cannot be checkpointed yet; drop checkpoint_dir")
+        if validation is not None and self.stats != "full":
+            raise ValueError(f"validation windows need stats='full', not {self.stats!r}")
+        if block_choice is not None and validation is None:
+            raise ValueError("block_choice needs validation windows")
+        val: _Validation | None = None
         first = self._restore_finished(checkpoint, pass_name, state, result) if checkpoint is not None else 0
         if after_block is not None:
             for index in range(first):
@@ -509,6 +555,14 @@ class BlockDriver:
                     result.tokens = sum(b.numel() for b in batches)
                     t0 = self._now()
                     buffer, arguments = self.capture(batches)
+                    if validation is not None:
+                        vbatches = as_batches(validation, self.batch_size)
+                        vbuffer, vargs = self.capture(vbatches)
+                        for key, value in vargs.items():
+                            arguments.setdefault(key, value)
+                        val = _Validation(vbuffer)
+                        result.validation_samples = sum(b.shape[0] for b in vbatches)
+                        memory.add(_nbytes(val.tensors()))
                     result.forward_s += self._now() - t0
                     memory.add(_nbytes(buffer) + _nbytes(arguments))
                     if self.dense_stream:
@@ -516,13 +570,16 @@ class BlockDriver:
                         memory.add(_nbytes(dense))
                     self._warn_rank(result.tokens)
                     if first:
-                        self._resume_inputs(checkpoint, pass_name, first, buffer, arguments, result)
+                        self._resume_inputs(checkpoint, pass_name, first, buffer, arguments, result, val)
                 self._blocks(buffer, arguments, layer_fn, result, memory, first, checkpoint, pass_name, state, start, prior_total,
-                             after_block, dense)
+                             after_block, dense, val, block_choice)
             if checkpoint is not None:
                 checkpoint.finish_pass(pass_name)
         finally:
             buffer.clear()
+            if val is not None:
+                val.pruned.clear()
+                val.dense.clear()
             self.model.train(training)
         result.total_s = prior_total + self._now() - start
         result.peak_tracked_bytes = memory.peak
@@ -551,6 +608,8 @@ class BlockDriver:
             tensors, record = checkpoint.load_block(pass_name, index)
             block.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("w.")}, strict=True)
             result.layers.extend(LayerRecord(**dict(r, shape=tuple(r["shape"]))) for r in record.get("layers", []))
+            if record.get("validation"):
+                result.blocks.append(record["validation"])
             if state is not None:
                 linears = find_linears(block, prefix=f"{self.path}.{index}")
                 weights = {n: get_weight(m) for n, m in linears.items()}
@@ -563,12 +622,25 @@ class BlockDriver:
         return done
 
     def _resume_inputs(
-        self, checkpoint: "Checkpoint", pass_name: str, first: int, buffer: list[torch.Tensor], arguments: dict, result: DriverResult
+        self, checkpoint: "Checkpoint", pass_name: str, first: int, buffer: list[torch.Tensor], arguments: dict, result: DriverResult,
+        val: _Validation | None = None,
     ) -> None:
         """Make ``buffer`` the inputs of block ``first``: the stored activations when the checkpoint
-        has them, else block 0's inputs re-run through the restored blocks 0 .. first-1."""
-        stored = checkpoint.load_activations(pass_name)
-        if stored is not None and len(stored) == len(buffer) and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(stored, buffer)):
+        has them, else block 0's inputs re-run through the restored blocks 0 .. first-1. The
+        validation streams (always stored with a checkpoint: the dense one cannot be recomputed
+        once its blocks are pruned) come last in the stored list."""
+        stored = checkpoint.load_activations(pass_name) or []
+        if val is not None:
+            want = val.tensors()
+            tail = stored[-len(want):] if len(stored) >= len(want) else []
+            if not tail or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(tail, want)):
+                raise ValueError(
+                    "the checkpoint has no validation hidden states for this run (it was made without validation windows, "
+                    "or by an older sdsx); start the run afresh in a new folder"
+                )
+            val.load(stored)
+            stored = stored[: -len(want)]
+        if len(stored) == len(buffer) and stored and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(stored, buffer)):
             for x, saved in zip(buffer, stored):
                 x.copy_(saved)
             return
@@ -584,6 +656,7 @@ class BlockDriver:
     def _save_block(
         self, checkpoint: "Checkpoint", pass_name: str, index: int, block: nn.Module, names: list[str],
         buffer: list[torch.Tensor], state: BlockState | None, result: DriverResult, total_s: float,
+        val: _Validation | None = None,
     ) -> None:
         tensors = {f"w.{k}": v for k, v in block.state_dict().items()}
         data: dict[str, Any] = {}
@@ -594,8 +667,14 @@ class BlockDriver:
         timings = {k: getattr(result, k) for k in _TIMINGS[:3]}
         timings["total_s"] = total_s
         last = index + 1 == len(self.blocks)
-        acts = buffer if buffer and not last and checkpoint.wants_activations(buffer) else None
-        checkpoint.save_block(pass_name, index, tensors, {"layers": layers, "state": data}, timings, acts)
+        acts = list(buffer) if buffer and not last and checkpoint.wants_activations(buffer) else []
+        if val is not None and not last:
+            acts += val.tensors()
+        record: dict[str, Any] = {"layers": layers, "state": data}
+        blocks = [b for b in result.blocks if b.get("block") == index]
+        if blocks:
+            record["validation"] = blocks[-1]
+        checkpoint.save_block(pass_name, index, tensors, record, timings, acts or None)
 
     def _blocks(
         self,
@@ -612,6 +691,8 @@ class BlockDriver:
         prior_total: float = 0.0,
         after_block: Callable[[int], None] | None = None,
         dense: list[torch.Tensor] | None = None,
+        val: _Validation | None = None,
+        block_choice: BlockChoice | None = None,
     ) -> None:
         from tqdm.auto import tqdm
 
@@ -629,12 +710,22 @@ class BlockDriver:
                 try:
                     accs: dict[str, Any] = {}
                     crosses: dict[int, Any] = {}
+                    vaccs: dict[str, Any] = {}
                     if self.stats != "none":
                         accs = self._statistics(block, linears, buffer, arguments, result, memory, dense, crosses)
-                    self._solve(index, linears, accs, layer_fn, result, memory, crosses)
-                    for acc in {id(a): a for a in accs.values()}.values():
+                    if val is not None:
+                        vaccs = self._statistics(block, linears, val.pruned, arguments, result, memory)
+                        t0 = self._now()
+                        for x in val.dense:  # the dense model's hidden state after this block
+                            x.copy_(self._call(block, x.to(self.device), arguments))
+                        result.forward_s += self._now() - t0
+                    self._solve(index, linears, accs, layer_fn, result, memory, crosses, vaccs)
+                    for acc in {id(a): a for a in list(accs.values()) + list(vaccs.values())}.values():
                         memory.sub(_nbytes(vars(acc)))
                     accs.clear()
+                    vaccs.clear()
+                    if val is not None:
+                        self._validate_block(index, block, linears, val, arguments, result, block_choice)
                     if buffer and index + 1 < count:  # the last block's outputs are never used
                         self._propagate(block, buffer, arguments, result, index)
                 except torch.OutOfMemoryError as exc:
@@ -643,7 +734,7 @@ class BlockDriver:
                 memory.sub(block_bytes)
                 if checkpoint is not None:
                     self._save_block(checkpoint, pass_name, index, block, list(linears), buffer, state, result,
-                                     prior_total + self._now() - start)
+                                     prior_total + self._now() - start, val)
                 if after_block is not None:
                     after_block(index)
                 bar.update(1)
@@ -660,6 +751,31 @@ class BlockDriver:
                 )
         finally:
             bar.close()
+
+    def _validate_block(
+        self, index: int, block: nn.Module, linears: dict[str, nn.Module], val: _Validation, arguments: dict,
+        result: DriverResult, block_choice: BlockChoice | None,
+    ) -> None:
+        """Run the validation windows through the finished block; with ``block_choice``, through each
+        candidate weight set, keeping the one closest to the dense hidden state. Advances
+        ``val.pruned`` and records the deviations in ``result.blocks``."""
+        t0 = self._now()
+        candidates = block_choice(index) if block_choice is not None else []
+        if not candidates:
+            candidates = [("final", {})]
+        scored: list[tuple[float, str, dict[str, torch.Tensor], list[torch.Tensor]]] = []
+        for label, weights in candidates:
+            for name, W in weights.items():
+                set_weight(linears[name], W)
+            outs = [self._call(block, x.to(self.device), arguments) for x in val.pruned]
+            scored.append((hidden_deviation(outs, val.dense), label, weights, outs))
+        best = min(scored, key=lambda s: s[0])  # ties keep the earlier candidate
+        for name, W in best[2].items():
+            set_weight(linears[name], W)
+        for x, out in zip(val.pruned, best[3]):
+            x.copy_(out)
+        result.blocks.append({"block": index, "deviation": {label: dev for dev, label, _, _ in scored}, "chosen": best[1]})
+        result.forward_s += self._now() - t0
 
     def _oom_message(self, index: int, buffer: list[torch.Tensor], block_bytes: int, linears: dict[str, nn.Module], exc: BaseException) -> str:
         mib = 2**20
@@ -687,9 +803,11 @@ class BlockDriver:
         result: DriverResult,
         memory: _Memory,
         crosses: dict[int, Any] | None = None,
+        vaccs: dict[str, Any] | None = None,
     ) -> None:
         finalized: dict[int, torch.Tensor] = {}
         cross_final: dict[int, torch.Tensor] = {}
+        splits: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         try:
             for name, module in linears.items():
                 H = None
@@ -704,6 +822,19 @@ class BlockDriver:
                             raise FloatingPointError(f"{name}: {exc}; they come from the block's input or its own computation") from exc
                         memory.add(_nbytes(H))
                         result.stats_s += self._now() - t0
+                split = None
+                if vaccs:
+                    split_all = splits.get(id(acc))
+                    if split_all is None:
+                        t0 = self._now()
+                        vacc = vaccs[name]
+                        Hv = vacc.finalize()
+                        # H over all windows, so that phase 1 / a base pruner sees all the calibration
+                        H_all = (H * acc.tokens + Hv * vacc.tokens) / (acc.tokens + vacc.tokens)
+                        split_all = splits[id(acc)] = (H_all, H, Hv)
+                        memory.add(_nbytes(H_all) + _nbytes(Hv))
+                        result.stats_s += self._now() - t0
+                    H, split = split_all[0], split_all[1:]
                 weight = get_weight(module)
                 if not all_finite(weight):
                     raise FloatingPointError(f"{name}: the weight holds NaN/Inf before pruning; the model is damaged")
@@ -713,7 +844,9 @@ class BlockDriver:
                     C = cross_final.get(id(acc))
                     if C is None:
                         C = cross_final[id(acc)] = crosses[id(acc)].finalize()
-                    out = layer_fn(name, weight, H, C)
+                    out = layer_fn(name, weight, H, C) if split is None else layer_fn(name, weight, H, C, split=split)
+                elif split is not None:
+                    out = layer_fn(name, weight, H, split=split)
                 else:
                     out = layer_fn(name, weight, H)
                 if out is not None:
@@ -732,6 +865,7 @@ class BlockDriver:
                 result.layers.append(LayerRecord(name, (int(rows), int(cols)), pruned, weight.numel(), loss, seconds, index))
         finally:
             memory.sub(sum(_nbytes(h) for h in finalized.values()))
+            memory.sub(sum(_nbytes(s[0]) + _nbytes(s[2]) for s in splits.values()))
             if crosses:
                 memory.sub(sum(_nbytes(c.sum) for c in crosses.values()))
                 crosses.clear()

@@ -53,11 +53,20 @@ class SDSOptions:
         second pruning's mask fixed.
     adjust_score: what the re-selection ranks: "magnitude" |W| (the paper), or "activation"
         |W_ij| * sqrt(H_jj) (Wanda's score: the diagonal of the H metric the gradient step uses).
-    keep_better: keep phase 1's weights for a layer whose final calibration error is higher.
+    keep_better: keep phase 1's weights for a layer whose final error is higher: on the
+        validation windows when the run holds some out, else on the calibration it fitted.
+    block_guard: with validation windows, keep phase 1's weights for a whole block where its
+        output on them is closer to the dense model's hidden state than SDS's (the block sees the
+        composition of its layers, and the residual stream carries the error on).
+    early_stop: with validation windows, return the adjustment iterate with the lowest validation
+        error (phase 2 and the second pruning's result included) rather than the last.
     target: what phases 2 and 3 fit. "pruned" (the paper): W_d X with X the layer's inputs in the
         pruned model, both sides on the same inputs. "dense": the dense model's own outputs
         W_d X_d (X_d the inputs in the dense model), which needs a second activation stream and
         the cross Gram X X_d^T / T (interleaved schedule only).
+    alpha: with target="dense", how much of the correction towards the dense model's outputs
+        to take: the target is W_d (alpha X_d + (1 - alpha) X); 1 is the full dense target, 0 the
+        paper's same-input target (GPTAQ's partial correction).
     blocksize, percdamp: SparseGPT's settings.
     """
 
@@ -72,13 +81,18 @@ class SDSOptions:
     reselect: bool = True
     adjust_score: str = "magnitude"
     keep_better: bool = True
+    block_guard: bool = True
+    early_stop: bool = True
     target: str = "pruned"
+    alpha: float = 1.0
     blocksize: int = 128
     percdamp: float = 0.01
 
     def validate(self) -> "SDSOptions":
         if self.pruner not in PRUNERS:
             raise ValueError(f"unknown SDS pruner {self.pruner!r}; choose one of {PRUNERS}")
+        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
         for name in ("l1", "l2", "damp", "percdamp"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -221,22 +235,40 @@ def adjust(
     lam: float | None = None,
     score: str = "magnitude",
     shift: torch.Tensor | None = None,
+    H_val: torch.Tensor | None = None,
+    history: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 3's weight adjustment: projected gradient on tr((W - W_d) H (W - W_d)^T) over W with
     the sparsity pattern, the mask re-selected by magnitude at every iteration (through nm_mask /
     topk_mask) or kept fixed. ``score`` "activation" ranks |W_ij| sqrt(H_jj) instead of |W_ij|.
-    Returns (weights, mask)."""
+
+    With ``H_val`` (the Gram of held-out inputs) it returns the iterate, the start included, whose
+    error tr(D H_val D^T) is lowest (early stopping on validation); ``history`` then receives every
+    iterate's validation error. Returns (weights, mask)."""
     W_d = W_d.float()
     step = 1.0 / lipschitz(H, 0.0, lam)
     W = W_start.float().clone()
     mask = W != 0
     scale = H.diagonal().clamp_min(0).sqrt().unsqueeze(0) if score == "activation" else None
+    best = None
+    if H_val is not None:
+        best = (reconstruction_error(W_d, W, H_val), W, mask)
+        if history is not None:
+            history.append(best[0])
     for _ in range(iters):
         G = (W - W_d) @ H if shift is None else torch.addmm(shift, W - W_d, H)
         Z, _ = ops.prox_step(W, W, G, step, 0.0, 0.0, 0.0, None if reselect else mask)
         if reselect:
             mask = select_mask(Z.abs() if scale is None else Z.abs() * scale, spec, per_row=False)
         W = torch.where(mask, Z, torch.zeros_like(Z))
+        if H_val is not None:
+            err = reconstruction_error(W_d, W, H_val)
+            if history is not None:
+                history.append(err)
+            if err < best[0]:
+                best = (err, W, mask)
+    if best is not None:
+        return best[1], best[2]
     return W, mask
 
 
@@ -267,6 +299,7 @@ class SDSLayerResult:
     errors: dict  # phase -> calibration error
     kept_phase1: bool
     weights: dict | None = None  # phase -> weight copy, only when asked (histograms)
+    phase1: torch.Tensor | None = None  # phase 1's weights (what a block guard may fall back to)
 
 
 def sds_layer(
@@ -278,12 +311,17 @@ def sds_layer(
     keep_weights: bool = False,
     shared: SharedH | None = None,
     C: torch.Tensor | None = None,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shared_fit: SharedH | None = None,
 ) -> SDSLayerResult:
     """Sparse -> dense -> sparse for one linear layer (weight (out, in), H = X X^T / T).
 
     ``shared`` carries what linears with the same H share (pass one :class:`SharedH` for a whole
     run); without it everything is computed for this layer alone. ``C`` (the cross Gram
-    X^T X_d / T) switches phases 2/3 to the dense model's outputs as targets.
+    X^T X_d / T) switches phases 2/3 to the dense model's outputs as targets. ``split`` =
+    (H_fit, H_val): phase 1 prunes on H (all calibration windows, so it equals the base pruner),
+    phases 2/3 fit on H_fit alone and the guard compares on H_val (windows they never saw);
+    ``shared_fit`` is the :class:`SharedH` of the H_fit matrices.
     """
     spec = SparsitySpec.parse(spec)
     opts.validate()
@@ -291,6 +329,9 @@ def sds_layer(
     H = H.to(Wd.device).float()
     sh = (shared or SharedH(opts))(H)
     s1 = _one_shot(opts.pruner, Wd, H, spec, opts, name, sh.factor)
+    if split is not None:
+        H_fit, H_val = (h.to(Wd.device).float() for h in split)
+        return sds_tail(W_d, s1, H_fit, spec, opts, name, keep_weights, (shared_fit or SharedH(opts))(H_fit), C, H_val)
     return sds_tail(W_d, s1, H, spec, opts, name, keep_weights, sh, C)
 
 
@@ -304,9 +345,13 @@ def sds_tail(
     keep_weights: bool = False,
     shared: SharedH | None = None,
     C: torch.Tensor | None = None,
+    H_val: torch.Tensor | None = None,
 ) -> SDSLayerResult:
-    """Phases 2 and 3 of one layer, given phase 1's result ``s1`` on the same H: re-dense, prune
-    again, adjust, and keep phase 1's weights where they were better (``opts.keep_better``).
+    """Phases 2 and 3 of one layer, given phase 1's result ``s1``: re-dense, prune again, adjust,
+    and keep phase 1's weights where they were better (``opts.keep_better``): on ``H_val`` (the
+    Gram of held-out windows) when given, else on the H the phases fitted. ``errors`` holds each
+    phase's calibration error and, with ``H_val``, "val_sparse" / "val_final" (phase 1's and the
+    final weights' validation errors).
 
     A pure function of its arguments, so layers can be spread over processes
     (:mod:`sdsx.parallel`) and give the same weights wherever they run.
@@ -319,7 +364,9 @@ def sds_tail(
     Hd = sh.Hd
     s1w = s1.weight.to(Wd.device).float()
     shift = dense_target_shift(Wd, H, C.to(Wd.device).float()) if C is not None else None
-    s1_loss = float(s1.loss) if shift is None else target_error(Wd, s1w, H, shift)
+    if shift is not None and opts.alpha != 1.0:
+        shift = shift * opts.alpha
+    s1_loss = target_error(Wd, s1w, H, shift) if (shift is not None or H_val is not None) else float(s1.loss)
     errors: dict[str, float] = {"sparse": s1_loss}
     snaps: dict[str, torch.Tensor] = {}
     if keep_weights:
@@ -339,16 +386,25 @@ def sds_tail(
     final_w, final_mask = s2.weight, s2.mask
     errors["sparse2"] = target_error(Wd, final_w, H, shift)
     if opts.adjust:
-        final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score, shift)
+        H_stop = H_val.to(Wd.device).float() if (H_val is not None and opts.early_stop) else None
+        final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score, shift, H_stop)
         errors["adjust"] = target_error(Wd, final_w, H, shift)
     final_err = errors["adjust"] if opts.adjust else errors["sparse2"]  # the error of final_w, already measured
     kept = False
-    if opts.keep_better and final_err > s1_loss:
+    if H_val is not None:
+        Hv = H_val.to(Wd.device).float()
+        errors["val_sparse"] = reconstruction_error(Wd, s1w, Hv)
+        errors["val_final"] = reconstruction_error(Wd, final_w, Hv)
+        worse = errors["val_final"] > errors["val_sparse"]
+    else:
+        worse = final_err > s1_loss
+    errors["mask_agreement"] = float((final_mask.to(Wd.device) == s1.mask.to(Wd.device)).float().mean())
+    if opts.keep_better and worse:
         final_w, final_mask, final_err, kept = s1w, s1.mask.to(Wd.device), s1_loss, True
     if keep_weights:
         snaps["final"] = final_w.cpu().clone()
     result = PruneResult(final_w.to(dtype), final_mask, final_err)
-    return SDSLayerResult(result, errors, kept, snaps if keep_weights else None)
+    return SDSLayerResult(result, errors, kept, snaps if keep_weights else None, s1w.to(dtype))
 
 
 def redense_tokens(
