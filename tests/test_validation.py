@@ -197,3 +197,19 @@ def test_alpha_interpolates_the_dense_target():
     assert not torch.equal(half.result.weight, same.result.weight)
     with pytest.raises(ValueError, match="alpha"):
         SDSOptions(alpha=1.5).validate()
+
+
+def test_refit_reaches_the_masked_least_squares_solution():
+    from sdsx.pruners.sds import refit
+
+    torch.manual_seed(2)
+    W_d = torch.randn(6, 24, dtype=torch.float64).float()
+    X = torch.randn(100, 24) * torch.linspace(0.1, 4, 24)
+    H = X.t() @ X / 100
+    mask = sdsx.ops.nm_mask(torch.rand(6, 24), 2, 4)
+    W = refit(W_d * mask, W_d, H, mask, 40)
+    assert bool((W[~mask] == 0).all())
+    for r in range(6):  # per row: H_KK w_K = (H w_d)_K
+        k = mask[r]
+        exact = torch.linalg.solve(H[k][:, k].double(), (H.double() @ W_d[r].double())[k])
+        torch.testing.assert_close(W[r, k].double(), exact, rtol=1e-3, atol=1e-4)

@@ -50,7 +50,8 @@ class SDSOptions:
     adjust: run the weight adjustment after the second pruning.
     adjust_iters: projected-gradient iterations of the adjustment.
     reselect: re-select the mask at every adjustment iteration (the paper); False keeps the
-        second pruning's mask fixed.
+        second pruning's mask fixed and solves the kept weights by conjugate gradients
+        (:func:`refit`), which converges where the gradient steps of the paper's adjustment crawl.
     adjust_score: what the re-selection ranks: "magnitude" |W| (the paper), or "activation"
         |W_ij| * sqrt(H_jj) (Wanda's score: the diagonal of the H metric the gradient step uses).
     keep_better: keep phase 1's weights for a layer whose final error is higher: on the
@@ -272,6 +273,47 @@ def adjust(
     return W, mask
 
 
+def refit(
+    W_start: torch.Tensor,
+    W_d: torch.Tensor,
+    H: torch.Tensor,
+    mask: torch.Tensor,
+    iters: int,
+    shift: torch.Tensor | None = None,
+    H_val: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The adjustment with the mask fixed, run towards convergence: conjugate gradients on
+    tr((W - W_d) H (W - W_d)^T) (+ 2 tr(W B^T) with a dense-target ``shift`` B) over the kept
+    entries of every row. Rows are independent problems, so each row has its own step sizes; one
+    (rows x in x in) GEMM per iteration, like a projected-gradient step, but CG needs about
+    sqrt(condition number) iterations where the gradient step needs the condition number. With
+    ``H_val``, returns the iterate with the lowest validation error (the start included)."""
+    W_d = W_d.float()
+    keep = mask.to(torch.float32)
+    W = W_start.float() * keep
+    G = (W - W_d) @ H if shift is None else torch.addmm(shift, W - W_d, H)
+    R = -G * keep
+    P = R.clone()
+    rr = (R * R).sum(1)
+    best = (reconstruction_error(W_d, W, H_val), W.clone()) if H_val is not None else None
+    tiny = torch.finfo(torch.float32).tiny
+    for _ in range(iters):
+        Q = (P @ H) * keep
+        pq = (P * Q).sum(1)
+        a = torch.where(pq > tiny, rr / pq.clamp_min(tiny), torch.zeros_like(rr))
+        W.add_(a.unsqueeze(1) * P)
+        R.sub_(a.unsqueeze(1) * Q)
+        rr_new = (R * R).sum(1)
+        beta = torch.where(rr > tiny, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
+        P = R + beta.unsqueeze(1) * P
+        rr = rr_new
+        if best is not None:
+            err = reconstruction_error(W_d, W, H_val)
+            if err < best[0]:
+                best = (err, W.clone())
+    return best[1] if best is not None else W
+
+
 def _one_shot(
     pruner: str,
     W: torch.Tensor,
@@ -387,7 +429,10 @@ def sds_tail(
     errors["sparse2"] = target_error(Wd, final_w, H, shift)
     if opts.adjust:
         H_stop = H_val.to(Wd.device).float() if (H_val is not None and opts.early_stop) else None
-        final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score, shift, H_stop)
+        if opts.reselect:
+            final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score, shift, H_stop)
+        else:
+            final_w = refit(final_w, Wd, Hd, final_mask.to(Wd.device), opts.adjust_iters, shift, H_stop)
         errors["adjust"] = target_error(Wd, final_w, H, shift)
     final_err = errors["adjust"] if opts.adjust else errors["sparse2"]  # the error of final_w, already measured
     kept = False
