@@ -181,8 +181,18 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
                    help="what the re-dense and adjust phases fit: the dense weights on the pruned model's inputs "
                         "(pruned, the paper's; default) or the dense model's own outputs (dense: a second activation "
                         "stream, interleaved schedule only)")
+    g.add_argument("--alpha", type=_nonneg_float, default=None, metavar="F",
+                   help="with --target dense: the share of the correction towards the dense model's outputs, in [0, 1] "
+                        "(default 1: all of it)")
     g.add_argument("--no-keep-better", action="store_true",
                    help="always use the SDS result, even for layers where phase 1's error was lower")
+    g.add_argument("--validation", default="auto", metavar="K",
+                   help="calibration sequences held out from phases 2/3 to guard them (a count, a fraction in (0, 1), "
+                        "or 0 for none; default auto: 1/8 of them with the interleaved schedule)")
+    g.add_argument("--no-block-guard", action="store_true",
+                   help="keep SDS's weights for every block even where phase 1's are closer to the dense model on validation")
+    g.add_argument("--no-early-stop", action="store_true",
+                   help="return the adjustment's last iterate, not the one with the lowest validation error")
     g.add_argument("--early-exit-params", type=float, default=3e9, metavar="P",
                    help="skip the adjustment for models with more than P parameters (the paper's early exit; default 3e9)")
 
@@ -459,7 +469,8 @@ def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "damp": args.damp, "blocksize": args.blocksize, "percdamp": args.percdamp,
         "redense": False if args.no_redense else None, "adjust": False if args.no_adjust else None,
         "reselect": False if args.no_reselect else None, "keep_better": False if args.no_keep_better else None,
-        "adjust_score": getattr(args, "adjust_score", None), "target": args.target,
+        "adjust_score": getattr(args, "adjust_score", None), "target": args.target, "alpha": args.alpha,
+        "block_guard": False if args.no_block_guard else None, "early_stop": False if args.no_early_stop else None,
     }
     out = {}
     for key, value in wanted.items():
@@ -469,6 +480,19 @@ def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise CLIError(f"this version of SDS has no option {key!r}")
         out[key] = value
     return out
+
+
+def _validation_arg(args: argparse.Namespace) -> Any:
+    text = str(getattr(args, "validation", "auto"))
+    if text == "auto":
+        return None if (args.schedule or "interleaved") != "interleaved" else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise CLIError(f"--validation must be auto, a count of sequences or a fraction in (0, 1), got {text!r}") from None
+    if value == 0:
+        return None
+    return int(value) if value >= 1 and value == int(value) else value
 
 
 def _run_method(
@@ -482,7 +506,8 @@ def _run_method(
         pruner = method.split("-", 1)[1] if "-" in method else args.pruner
         return sds_prune(
             model, calib, sparsity, pruner, schedule=args.schedule or "interleaved", early_exit_params=args.early_exit_params,
-            device=device, progress=progress, checkpoint_dir=checkpoint_dir, **_sds_overrides(args),
+            device=device, progress=progress, checkpoint_dir=checkpoint_dir, validation=_validation_arg(args),
+            **_sds_overrides(args),
         )
     from sdsx.api import prune
 
