@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import sdsx
+from sdsx.sds import auto_validation
 from sdsx.pruners.sds import SDSOptions, objective, redense, redense_tokens, regularizer_scale
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_base:
                 model.load_state_dict(fresh)
                 t0 = time.perf_counter()
-                base_val = None if validation is None else (max(2, round(args.nsamples / 8)) if validation == "auto" else validation)
+                base_val = auto_validation(args.nsamples) if validation == "auto" else validation
                 rep = sdsx.prune(model, calib, pruner, spec, progress=False, validation=base_val)
                 seconds = time.perf_counter() - t0  # pruning only, not the evaluation
                 rows.append(dict(method=pruner, pattern=pattern, **scores(model), seconds=seconds,

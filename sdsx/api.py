@@ -416,10 +416,8 @@ def prune(
     _check_options(method, blocksize, percdamp)
     method = method.lower()
     spec = SparsitySpec.parse(sparsity)
-    layer_fn, stats = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=report_error)
-    if validation and stats != "full":
-        stats = "full"  # the validation statistics need the full Gram; the pruner reads what it needs
-        layer_fn, _ = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=True)
+    # the validation statistics need the full Gram, which is what report_error asks of every method
+    layer_fn, stats = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=report_error or bool(validation))
     plan = validate(model, calib, spec, need_calib=stats != "none", batch_size=batch_size)
     if stats == "none" and plan.batches is not None:
         plan = Plan(plan.spec, None)

@@ -485,7 +485,7 @@ def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _validation_arg(args: argparse.Namespace) -> Any:
     text = str(getattr(args, "validation", "auto"))
     if text == "auto":
-        return None if (args.schedule or "interleaved") != "interleaved" else "auto"
+        return "auto"  # sds_prune resolves it per schedule
     try:
         value = float(text)
     except ValueError:

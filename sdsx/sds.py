@@ -157,6 +157,12 @@ class _SDSState:
                 self.on_restore(name, W, self.phase_errors.get(name, {}))
 
 
+def auto_validation(nsamples: int, schedule: str = "interleaved") -> int | None:
+    """What ``validation="auto"`` holds out of ``nsamples`` calibration sequences: 1/8 of them (at
+    least 2) with the interleaved schedule and at least 8 sequences, else none."""
+    return max(2, round(nsamples / 8)) if (schedule == "interleaved" and nsamples >= 8) else None
+
+
 def sds_prune(
     model: nn.Module,
     calib: torch.Tensor | Sequence[torch.Tensor],
@@ -240,9 +246,8 @@ def sds_prune(
     spec = SparsitySpec.parse(sparsity)
     plan = validate(model, calib, spec, need_calib=True, batch_size=batch_size)
     _check_not_sparse(model, spec)
-    nseq = sum(b.shape[0] for b in plan.batches)
     if validation == "auto":
-        validation = max(2, round(nseq / 8)) if (schedule == "interleaved" and nseq >= 8) else None
+        validation = auto_validation(sum(b.shape[0] for b in plan.batches), schedule)
     elif isinstance(validation, str):
         raise ValueError(f"validation must be 'auto', a count of calibration sequences, a fraction in (0, 1) or None, got {validation!r}")
     if validation and schedule != "interleaved":

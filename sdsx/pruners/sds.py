@@ -229,6 +229,27 @@ def target_error(W_d: torch.Tensor, W: torch.Tensor, H: torch.Tensor, shift: tor
     return err
 
 
+class _BestIterate:
+    """Early stopping on validation: remembers the offered iterate with the lowest
+    tr(D H_val D^T); without ``H_val`` it keeps nothing and :meth:`result` returns the last."""
+
+    def __init__(self, W_d: torch.Tensor, H_val: torch.Tensor | None, history: list[float] | None = None) -> None:
+        self.W_d, self.H_val, self.history = W_d, H_val, history
+        self.best: tuple[float, tuple] | None = None
+
+    def offer(self, *iterate: torch.Tensor) -> None:
+        if self.H_val is None:
+            return
+        err = reconstruction_error(self.W_d, iterate[0], self.H_val)
+        if self.history is not None:
+            self.history.append(err)
+        if self.best is None or err < self.best[0]:
+            self.best = (err, iterate)
+
+    def result(self, *last: torch.Tensor) -> tuple:
+        return self.best[1] if self.best is not None else last
+
+
 def adjust(
     W_start: torch.Tensor,
     W_d: torch.Tensor,
@@ -254,26 +275,16 @@ def adjust(
     W = W_start.float().clone()
     mask = W != 0
     scale = H.diagonal().clamp_min(0).sqrt().unsqueeze(0) if score == "activation" else None
-    best = None
-    if H_val is not None:
-        best = (reconstruction_error(W_d, W, H_val), W, mask)
-        if history is not None:
-            history.append(best[0])
+    best = _BestIterate(W_d, H_val, history)
+    best.offer(W, mask)
     for _ in range(iters):
         G = (W - W_d) @ H if shift is None else torch.addmm(shift, W - W_d, H)
         Z, _ = ops.prox_step(W, W, G, step, 0.0, 0.0, 0.0, None if reselect else mask)
         if reselect:
             mask = select_mask(Z.abs() if scale is None else Z.abs() * scale, spec, per_row=False)
         W = torch.where(mask, Z, torch.zeros_like(Z))
-        if H_val is not None:
-            err = reconstruction_error(W_d, W, H_val)
-            if history is not None:
-                history.append(err)
-            if err < best[0]:
-                best = (err, W, mask)
-    if best is not None:
-        return best[1], best[2]
-    return W, mask
+        best.offer(W, mask)
+    return best.result(W, mask)
 
 
 def refit(
@@ -298,7 +309,9 @@ def refit(
     R = -G * keep
     P = R.clone()
     rr = (R * R).sum(1)
-    best = (reconstruction_error(W_d, W, H_val), W.clone()) if H_val is not None else None
+    best = _BestIterate(W_d, H_val)
+    if H_val is not None:
+        best.offer(W.clone())  # W is updated in place below
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(iters):
         Q = (P @ H) * keep
@@ -310,11 +323,9 @@ def refit(
         beta = torch.where(rr > tiny, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
         P = R + beta.unsqueeze(1) * P
         rr = rr_new
-        if best is not None:
-            err = reconstruction_error(W_d, W, H_val)
-            if err < best[0]:
-                best = (err, W.clone())
-    return best[1] if best is not None else W
+        if H_val is not None:
+            best.offer(W.clone())
+    return best.result(W)[0]
 
 
 def _one_shot(
@@ -408,6 +419,7 @@ def sds_tail(
     sh = (shared or SharedH(opts))(H)
     Hd = sh.Hd
     s1w = s1.weight.to(Wd.device).float()
+    Hv = H_val.to(Wd.device).float() if H_val is not None else None
     shift = dense_target_shift(Wd, H, C.to(Wd.device).float()) if C is not None else None
     if shift is not None and opts.alpha != 1.0:
         shift = shift * opts.alpha
@@ -431,7 +443,7 @@ def sds_tail(
     final_w, final_mask = s2.weight, s2.mask
     errors["sparse2"] = target_error(Wd, final_w, H, shift)
     if opts.adjust:
-        H_stop = H_val.to(Wd.device).float() if (H_val is not None and opts.early_stop) else None
+        H_stop = Hv if opts.early_stop else None
         if opts.reselect:
             final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score, shift, H_stop)
         else:
@@ -439,8 +451,7 @@ def sds_tail(
         errors["adjust"] = target_error(Wd, final_w, H, shift)
     final_err = errors["adjust"] if opts.adjust else errors["sparse2"]  # the error of final_w, already measured
     kept = False
-    if H_val is not None:
-        Hv = H_val.to(Wd.device).float()
+    if Hv is not None:
         errors["val_sparse"] = reconstruction_error(Wd, s1w, Hv)
         errors["val_final"] = reconstruction_error(Wd, final_w, Hv)
         worse = errors["val_final"] > errors["val_sparse"]
