@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="extra SDS option sets: name:key=val,key=val;name2:...")
     p.add_argument("--ops-samples", type=int, default=32, help="calibration sequences the --ops measurements use")
     p.add_argument("--no-base", action="store_true", help="skip the base pruners (ablations only)")
+    p.add_argument("--fit-variants", default="",
+                   help="base pruner + block fit rows (S + block fit): name:lr=1e-4,epochs=1;name2:... (BlockFitOptions fields)")
     p.add_argument("--no-sds", action="store_true")
     p.add_argument("--only-variants", action="store_true", help="run the --variants without the default SDS")
     p.add_argument("--dense", action="store_true", help="also evaluate the dense model")
@@ -214,6 +216,17 @@ def main(argv: list[str] | None = None) -> int:
                                  forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error, blocks=rep.blocks))
                 print(rows[-1], flush=True)
                 save()
+            for name, fit in (parse_variant(v) for v in args.fit_variants.split(";") if v):
+                model.load_state_dict(fresh)
+                t0 = time.perf_counter()
+                base_val = auto_validation(args.nsamples) if validation == "auto" else validation
+                rep = sdsx.prune(model, calib, pruner, spec, progress=False, validation=base_val, block_fit=fit)
+                seconds = time.perf_counter() - t0
+                rows.append(dict(method=f"{name}-{pruner}", pattern=pattern, options=fit, **scores(model), seconds=seconds,
+                                 forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error,
+                                 blocks=rep.blocks, fits=rep.fits))
+                print({k: v for k, v in rows[-1].items() if k not in ("blocks", "fits")}, flush=True)
+                save()
             if args.no_sds:
                 continue
             for name, opts in variants:
@@ -227,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                                  seconds=seconds, forward_s=rep.forward_s, stats_s=rep.stats_s,
                                  solver_s=rep.solver_s, error=rep.total_error, improved_layers=rep.improved_layers,
                                  kept_phase1=len(rep.kept_phase1), layers=len(rep.phase_errors), passes=rep.passes,
-                                 kept_blocks=rep.kept_blocks, blocks=rep.blocks,
+                                 kept_blocks=rep.kept_blocks, blocks=rep.blocks, fits=rep.fits,
                                  mask_agreement=sum(agree) / len(agree) if agree else None,
                                  phase_errors=rep.phase_errors))
                 print({k: v for k, v in rows[-1].items()}, flush=True)

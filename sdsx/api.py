@@ -20,6 +20,7 @@ from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positi
 from sdsx.checkpoint import Checkpoint, fingerprint_calibration, fingerprint_model
 from sdsx.model.driver import BlockDriver, BlockState, DriverResult, LayerFn, as_batches
 from sdsx.pruners import FactorCache, PruneResult, SparsitySpec, magnitude, sparsegpt, wanda
+from sdsx.pruners.blockfit import BlockFitOptions, as_block_fit
 
 log = logging.getLogger("sdsx")
 
@@ -71,12 +72,13 @@ class PruneReport:
     options: dict[str, Any] = field(default_factory=dict)
     validation_samples: int = 0
     blocks: list[dict[str, Any]] = field(default_factory=list)  # per block: validation deviations and choice
+    fits: list[dict[str, Any]] = field(default_factory=list)  # per block: what the block fit did (BlockFitRecord)
 
     @property
     def deviation(self) -> list[float]:
         """The validation hidden-state deviation from the dense model after each block (the error over
         depth; :func:`sdsx.model.driver.hidden_deviation`), for the weights kept."""
-        return [b["deviation"][b["chosen"]] for b in sorted(self.blocks, key=lambda b: b["block"])]
+        return [b["deviation"].get("fit", b["deviation"][b["chosen"]]) for b in sorted(self.blocks, key=lambda b: b["block"])]
 
     @property
     def numel(self) -> int:
@@ -157,6 +159,7 @@ def report_from(result: DriverResult, method: str, spec: SparsitySpec, options: 
         options=dict(options or {}),
         validation_samples=result.validation_samples,
         blocks=list(result.blocks),
+        fits=list(result.fits),
     )
 
 
@@ -327,6 +330,7 @@ def run_driver(
     after_block: Callable[[int], None] | None = None,
     validation: torch.Tensor | None = None,
     block_choice: Callable | None = None,
+    block_fit: BlockFitOptions | None = None,
 ) -> DriverResult:
     """Run the block-sequential driver for a validated plan (shared by every pruning entry point)."""
     driver = BlockDriver(
@@ -334,7 +338,8 @@ def run_driver(
         **(driver_options or {}),
     )
     return driver.run(plan.batches if stats != "none" else None, layer_fn, checkpoint=checkpoint, pass_name=pass_name, state=state,
-                      after_block=after_block, validation=validation, block_choice=block_choice)
+                      after_block=after_block, validation=validation, block_choice=block_choice,
+                      block_fit=block_fit)
 
 
 def open_checkpoint(
@@ -376,6 +381,7 @@ def prune(
     checkpoint_dir: str | os.PathLike | None = None,
     save_activations: bool | None = None,
     validation: int | float | None = None,
+    block_fit: BlockFitOptions | dict[str, Any] | bool | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block of ``model`` in place, in one shot.
 
@@ -407,6 +413,11 @@ def prune(
             (``report.deviation``, the error over depth). The pruner still sees every calibration
             sequence (its H covers them all), so the weights are those of a run without it, up to
             rounding; needs SparseGPT or Wanda (the full H).
+        block_fit: after pruning each block, fit its kept weights (masks fixed) to the dense model's
+            hidden state with a few Adam steps over the calibration windows
+            (:mod:`sdsx.pruners.blockfit`): True for the defaults, or a dict of
+            :class:`~sdsx.pruners.blockfit.BlockFitOptions` fields. With ``validation`` the best
+            iterate on the held-out windows is kept (never worse than the pruner's weights there).
     Returns:
         A :class:`PruneReport`.
     """
@@ -416,8 +427,11 @@ def prune(
     _check_options(method, blocksize, percdamp)
     method = method.lower()
     spec = SparsitySpec.parse(sparsity)
+    fit = as_block_fit(block_fit)
+    if fit is not None and method == "magnitude" and calib is None:
+        raise ValueError("block_fit needs calibration windows; give calib")
     # the validation statistics need the full Gram, which is what report_error asks of every method
-    layer_fn, stats = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=report_error or bool(validation))
+    layer_fn, stats = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=report_error or bool(validation) or fit is not None)
     plan = validate(model, calib, spec, need_calib=stats != "none", batch_size=batch_size)
     if stats == "none" and plan.batches is not None:
         plan = Plan(plan.spec, None)
@@ -428,11 +442,14 @@ def prune(
     options = dict(blocksize=blocksize, percdamp=percdamp, offload=offload, report_error=report_error, batch_size=batch_size)
     if held is not None:
         options["validation"] = int(held.shape[0])
+    if fit is not None:
+        options["block_fit"] = asdict(fit)
     fingerprint_options = {k: v for k, v in options.items() if k != "offload"}  # offload moves data, changes nothing
     checkpoint = open_checkpoint(checkpoint_dir, model, plan, dict(fingerprint_options, method=method), save_activations)
     result = run_driver(
         model, plan, layer_fn, stats, device=device, offload=offload, progress=progress,
         desc=f"{method} {spec}", batch_size=batch_size, checkpoint=checkpoint, validation=held,
+        block_fit=fit,
     )
     report = report_from(result, method, spec, options)
     report.total_s = max(result.total_s, time.perf_counter() - start)  # a resumed run includes its earlier part

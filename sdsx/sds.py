@@ -241,6 +241,8 @@ def sds_prune(
         opts = dataclasses.replace(opts, adjust=False)
     if opts.target == "dense" and schedule != "interleaved":
         raise ValueError(f"target='dense' (the dense model's activations as targets) runs with schedule='interleaved', not {schedule!r}")
+    if opts.block_fit and schedule != "interleaved":
+        raise ValueError(f"block_fit runs with schedule='interleaved', not {schedule!r}")
     if opts.target == "dense" and checkpoint_dir is not None:
         raise ValueError("target='dense' cannot be checkpointed yet (its second activation stream is not saved); drop checkpoint_dir")
     spec = SparsitySpec.parse(sparsity)
@@ -289,7 +291,8 @@ def sds_prune(
 
         result = run_driver(model, plan, layer_fn, "full", desc=f"sds-{opts.pruner} {spec}", pass_name="sds", state=state,
                             driver_options=dict(dense_stream=opts.target == "dense"), validation=held,
-                            block_choice=block_choice if (held is not None and opts.block_guard) else None, **common)
+                            block_choice=block_choice if (held is not None and opts.block_guard) else None,
+                            block_fit=opts.block_fit_options(), **common)
         passes = 1
     elif schedule == "phased":
         result, passes, state = _phased(model, plan, spec, opts, histogram_layer, common)

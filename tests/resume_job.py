@@ -18,7 +18,7 @@ import sdsx  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--kind", choices=["sparsegpt", "sds", "sdsval", "phased", "wanda"], required=True)
+    p.add_argument("--kind", choices=["sparsegpt", "sds", "sdsval", "phased", "wanda", "fit"], required=True)
     p.add_argument("--ckpt")
     p.add_argument("--out", required=True)
     p.add_argument("--layers", type=int, default=4)
@@ -34,6 +34,9 @@ def main() -> None:
     common = dict(progress=False, checkpoint_dir=args.ckpt, save_activations=acts)
     if args.kind in ("sparsegpt", "wanda"):
         sdsx.prune(model, calib, args.kind, args.sparsity, **common)
+    elif args.kind == "fit":
+        # the block fit: validation windows and the dense stream of the calibration windows travel with the checkpoint
+        sdsx.prune(model, calib, "sparsegpt", args.sparsity, validation=2, block_fit=dict(lr=1e-3, epochs=2, eval_every=2), **common)
     else:
         schedule = "phased" if args.kind == "phased" else "interleaved"
         # "sdsval": validation windows, whose two hidden-state streams travel with the checkpoint

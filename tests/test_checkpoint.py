@@ -36,7 +36,7 @@ def baselines(tmp_path_factory):
     """Uninterrupted runs (no checkpoint) of each job kind, made once."""
     root = tmp_path_factory.mktemp("baseline")
     out = {}
-    for kind in ("sparsegpt", "sds", "sdsval", "phased"):
+    for kind in ("sparsegpt", "sds", "sdsval", "phased", "fit"):
         path = root / f"{kind}.safetensors"
         proc = _run(["--kind", kind, "--out", str(path)])
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,6 +55,7 @@ SCENARIOS = [
     ("sdsval", "auto", ["layer:9", "write:3"]),
     ("sdsval", "no", ["write:2", "layer:14"]),  # the main inputs recomputed, the validation streams restored
     ("phased", "auto", ["layer:5", "write:6", "layer:20", "layer:2"]),
+    ("fit", "no", ["write:2", "layer:9"]),  # the fit's dense stream and the validation streams restored
 ]
 
 

@@ -22,6 +22,7 @@ from sdsx.checkpoint import _fault
 from sdsx.numerics import all_finite
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, set_weight
 from sdsx.pruners.base import PruneResult
+from sdsx.pruners.blockfit import BlockFitOptions, BlockFitRecord, fit_block, relative_error
 from sdsx.stats import GramAccumulator
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class DriverResult:
     tokens: int = 0
     validation_samples: int = 0  # calibration sequences held out from fitting (0: no validation)
     blocks: list[dict[str, Any]] = field(default_factory=list)  # per block: validation deviations, choice
+    fits: list[dict[str, Any]] = field(default_factory=list)  # per block: the block fit's BlockFitRecord
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -178,11 +180,9 @@ def hidden_deviation(out: list[torch.Tensor], target: list[torch.Tensor]) -> flo
     attention sink) do not drown the others."""
     total, count = 0.0, 0
     for h, d in zip(out, target):
-        h, d = h.float(), d.to(h.device).float()
-        num = (h - d).pow(2).sum(-1)
-        den = d.pow(2).sum(-1).clamp_min(1e-20)
-        total += float((num / den).sum())
-        count += num.numel()
+        tokens = h[..., 0].numel()
+        total += float(relative_error(h, d)) * tokens
+        count += tokens
     return total / max(count, 1)
 
 
@@ -506,6 +506,7 @@ class BlockDriver:
         after_block: Callable[[int], None] | None = None,
         validation: torch.Tensor | Sequence[torch.Tensor] | None = None,
         block_choice: BlockChoice | None = None,
+        block_fit: BlockFitOptions | None = None,
     ) -> DriverResult:
         """Apply ``layer_fn`` to every linear of every block, in place.
 
@@ -520,6 +521,14 @@ class BlockDriver:
             state: the layer function's side state to save and restore with each block.
             after_block: called with each block's index once the block is finished (and saved, with a
                 checkpoint); for blocks restored from a checkpoint, when they are restored.
+            validation: held-out token windows: streamed through the same blocks (pruned and dense),
+                their Grams passed to the layer function as ``split=(H_fit, H_val)`` and every block
+                scored by :func:`hidden_deviation` against the dense hidden state.
+            block_choice: candidate weight sets per block; the one closest to the dense hidden
+                state on the validation windows is kept (needs ``validation``).
+            block_fit: after the layer function, fit each block's kept weights to a target hidden
+                state (:mod:`sdsx.pruners.blockfit`); with validation windows the best iterate on them
+                is kept.
         Returns:
             A :class:`DriverResult` with per-layer records, split timings and peak memory.
         """
@@ -540,6 +549,9 @@ class BlockDriver:
         if block_choice is not None and validation is None:
             raise ValueError("block_choice needs validation windows")
         val: _Validation | None = None
+        fit_dense: list[torch.Tensor] | None = None  # the dense stream of the calibration windows, for block_fit
+        if block_fit is not None and self.stats != "full":
+            raise ValueError(f"block_fit needs stats='full', not {self.stats!r}")
         first = self._restore_finished(checkpoint, pass_name, state, result) if checkpoint is not None else 0
         if after_block is not None:
             for index in range(first):
@@ -568,11 +580,14 @@ class BlockDriver:
                     if self.dense_stream:
                         dense = [x.clone() for x in buffer]
                         memory.add(_nbytes(dense))
+                    elif block_fit is not None and block_fit.target == "dense":
+                        fit_dense = [x.clone() for x in buffer]
+                        memory.add(_nbytes(fit_dense))
                     self._warn_rank(result.tokens)
                     if first:
-                        self._resume_inputs(checkpoint, pass_name, first, buffer, arguments, result, val)
+                        self._resume_inputs(checkpoint, pass_name, first, buffer, arguments, result, val, fit_dense)
                 self._blocks(buffer, arguments, layer_fn, result, memory, first, checkpoint, pass_name, state, start, prior_total,
-                             after_block, dense, val, block_choice)
+                             after_block, dense, val, block_choice, block_fit, fit_dense)
             if checkpoint is not None:
                 checkpoint.finish_pass(pass_name)
         finally:
@@ -580,6 +595,8 @@ class BlockDriver:
             if val is not None:
                 val.pruned.clear()
                 val.dense.clear()
+            if fit_dense is not None:
+                fit_dense.clear()
             self.model.train(training)
         result.total_s = prior_total + self._now() - start
         result.peak_tracked_bytes = memory.peak
@@ -610,6 +627,8 @@ class BlockDriver:
             result.layers.extend(LayerRecord(**dict(r, shape=tuple(r["shape"]))) for r in record.get("layers", []))
             if record.get("validation"):
                 result.blocks.append(record["validation"])
+            if record.get("fit"):
+                result.fits.append(record["fit"])
             if state is not None:
                 linears = find_linears(block, prefix=f"{self.path}.{index}")
                 weights = {n: get_weight(m) for n, m in linears.items()}
@@ -624,12 +643,23 @@ class BlockDriver:
     def _resume_inputs(
         self, checkpoint: "Checkpoint", pass_name: str, first: int, buffer: list[torch.Tensor], arguments: dict, result: DriverResult,
         val: _Validation | None = None,
+        fit_dense: list[torch.Tensor] | None = None,
     ) -> None:
         """Make ``buffer`` the inputs of block ``first``: the stored activations when the checkpoint
-        has them, else block 0's inputs re-run through the restored blocks 0 .. first-1. The
-        validation streams (always stored with a checkpoint: the dense one cannot be recomputed
-        once its blocks are pruned) come last in the stored list."""
+        has them, else block 0's inputs re-run through the restored blocks 0 .. first-1. The dense
+        streams (always stored with a checkpoint: they cannot be recomputed once their blocks are
+        pruned) come last in the stored list: the validation streams, then the block fit's."""
         stored = checkpoint.load_activations(pass_name) or []
+        if fit_dense is not None:
+            tail = stored[-len(fit_dense):] if len(stored) >= len(fit_dense) else []
+            if not tail or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(tail, fit_dense)):
+                raise ValueError(
+                    "the checkpoint has no dense hidden states for the block fit (it was made without block_fit, "
+                    "or by an older sdsx); start the run afresh in a new folder"
+                )
+            for x, saved in zip(fit_dense, tail):
+                x.copy_(saved)
+            stored = stored[: -len(fit_dense)]
         if val is not None:
             want = val.tensors()
             tail = stored[-len(want):] if len(stored) >= len(want) else []
@@ -657,6 +687,7 @@ class BlockDriver:
         self, checkpoint: "Checkpoint", pass_name: str, index: int, block: nn.Module, names: list[str],
         buffer: list[torch.Tensor], state: BlockState | None, result: DriverResult, total_s: float,
         val: _Validation | None = None,
+        fit_dense: list[torch.Tensor] | None = None,
     ) -> None:
         tensors = {f"w.{k}": v for k, v in block.state_dict().items()}
         data: dict[str, Any] = {}
@@ -670,10 +701,15 @@ class BlockDriver:
         acts = list(buffer) if buffer and not last and checkpoint.wants_activations(buffer) else []
         if val is not None and not last:
             acts += val.tensors()
+        if fit_dense is not None and not last:
+            acts += fit_dense
         record: dict[str, Any] = {"layers": layers, "state": data}
         blocks = [b for b in result.blocks if b.get("block") == index]
         if blocks:
             record["validation"] = blocks[-1]
+        fits = [f for f in result.fits if f.get("block") == index]
+        if fits:
+            record["fit"] = fits[-1]
         checkpoint.save_block(pass_name, index, tensors, record, timings, acts or None)
 
     def _blocks(
@@ -693,6 +729,8 @@ class BlockDriver:
         dense: list[torch.Tensor] | None = None,
         val: _Validation | None = None,
         block_choice: BlockChoice | None = None,
+        block_fit: BlockFitOptions | None = None,
+        fit_dense: list[torch.Tensor] | None = None,
     ) -> None:
         from tqdm.auto import tqdm
 
@@ -719,13 +757,22 @@ class BlockDriver:
                         for x in val.dense:  # the dense model's hidden state after this block
                             x.copy_(self._call(block, x.to(self.device), arguments))
                         result.forward_s += self._now() - t0
+                    targets = self._fit_targets(block, buffer, arguments, result, block_fit, dense, fit_dense)
                     self._solve(index, linears, accs, layer_fn, result, memory, crosses, vaccs)
                     for acc in {id(a): a for a in list(accs.values()) + list(vaccs.values())}.values():
                         memory.sub(_nbytes(vars(acc)))
                     accs.clear()
                     vaccs.clear()
+                    fit = None
+                    if block_fit is not None:
+                        def fit(v: _Validation | None, index=index, block=block, linears=linears, targets=targets) -> BlockFitRecord:
+                            return self._fit_block(index, block, linears, buffer, targets, arguments, block_fit, result, v)
                     if val is not None:
-                        self._validate_block(index, block, linears, val, arguments, result, block_choice)
+                        self._validate_block(index, block, linears, val, arguments, result, block_choice, fit)
+                    elif fit is not None:
+                        fit(None)
+                    if targets is not None and targets is not dense and targets is not fit_dense:
+                        targets.clear()
                     if buffer and index + 1 < count:  # the last block's outputs are never used
                         self._propagate(block, buffer, arguments, result, index)
                 except torch.OutOfMemoryError as exc:
@@ -734,7 +781,7 @@ class BlockDriver:
                 memory.sub(block_bytes)
                 if checkpoint is not None:
                     self._save_block(checkpoint, pass_name, index, block, list(linears), buffer, state, result,
-                                     prior_total + self._now() - start, val)
+                                     prior_total + self._now() - start, val, fit_dense)
                 if after_block is not None:
                     after_block(index)
                 bar.update(1)
@@ -755,9 +802,11 @@ class BlockDriver:
     def _validate_block(
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], val: _Validation, arguments: dict,
         result: DriverResult, block_choice: BlockChoice | None,
+        fit: Callable[[_Validation], BlockFitRecord] | None = None,
     ) -> None:
         """Run the validation windows through the finished block; with ``block_choice``, through each
-        candidate weight set, keeping the one closest to the dense hidden state. Advances
+        candidate weight set, keeping the one closest to the dense hidden state; then ``fit`` the
+        chosen weights (keeping its best iterate on the validation windows). Advances
         ``val.pruned`` and records the deviations in ``result.blocks``."""
         t0 = self._now()
         candidates = block_choice(index) if block_choice is not None else []
@@ -772,10 +821,80 @@ class BlockDriver:
         best = min(scored, key=lambda s: s[0])  # ties keep the earlier candidate
         for name, W in best[2].items():
             set_weight(linears[name], W)
-        for x, out in zip(val.pruned, best[3]):
-            x.copy_(out)
-        result.blocks.append({"block": index, "deviation": {label: dev for dev, label, _, _ in scored}, "chosen": best[1]})
+        entry: dict[str, Any] = {"block": index, "deviation": {label: dev for dev, label, _, _ in scored}, "chosen": best[1]}
+        outs = best[3]
         result.forward_s += self._now() - t0
+        if fit is not None:
+            record = fit(val)
+            entry["deviation"]["fit"] = record.val_after
+            if record.best_step > 0:
+                t0 = self._now()
+                outs = [self._call(block, x.to(self.device), arguments) for x in val.pruned]
+                result.forward_s += self._now() - t0
+        for x, out in zip(val.pruned, outs):
+            x.copy_(out)
+        result.blocks.append(entry)
+
+    def _fit_targets(
+        self, block: nn.Module, buffer: list[torch.Tensor], arguments: dict, result: DriverResult,
+        options: BlockFitOptions | None, dense: list[torch.Tensor] | None, fit_dense: list[torch.Tensor] | None,
+    ) -> list[torch.Tensor] | None:
+        """The block fit's targets, computed while the block is still dense: the dense stream advanced
+        through it (``target="dense"``), or the block's dense output on the pruned inputs."""
+        if options is None:
+            return None
+        if dense is not None and options.target == "dense":
+            return dense  # the dense-target variant's stream, already advanced by _statistics
+        t0 = self._now()
+        if options.target == "dense":
+            assert fit_dense is not None
+            for x in fit_dense:
+                x.copy_(self._call(block, x.to(self.device), arguments))
+            targets = fit_dense
+        else:
+            targets = [self._call(block, x.to(self.device), arguments).to(self.store_device) for x in buffer]
+        result.forward_s += self._now() - t0
+        return targets
+
+    def _fit_block(
+        self, index: int, block: nn.Module, linears: dict[str, nn.Module], inputs: list[torch.Tensor],
+        targets: list[torch.Tensor], arguments: dict, options: BlockFitOptions, result: DriverResult,
+        val: _Validation | None = None,
+    ) -> BlockFitRecord:
+        """Fit the block's kept weights to ``targets`` (see :func:`sdsx.pruners.blockfit.fit_block`)
+        and write the kept iterate back; with ``val``, scored on its windows."""
+        t0 = self._now()
+        prefix = f"{self.path}.{index}."
+        names = {name: name[len(prefix):] + ".weight" for name in linears}
+        weights = {names[n]: m.weight.detach() for n, m in linears.items()}
+
+        def forward(ws: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            x = x.to(self.device)
+            args, kwargs = arguments[tuple(x.shape)]
+            out = torch.func.functional_call(block, ws, (x, *args), kwargs)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        validate = None
+        if val is not None:
+            def validate(ws: dict[str, torch.Tensor]) -> float:
+                return hidden_deviation([forward(ws, x) for x in val.pruned], val.dense)
+
+        frozen = [(p, p.requires_grad) for p in block.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)  # gradients only for the fitted copies, never the block's own
+        try:
+            best, record = fit_block(forward, weights, inputs, targets, options, validate, block=index)
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+        for name, module in linears.items():
+            module.weight.copy_(best[names[name]])
+        record.seconds = self._now() - t0
+        result.solver_s += record.seconds
+        result.fits.append(record.to_dict())
+        log.info("%s: block %d fit: %d steps, kept step %d, loss %.4g -> %.4g, validation %s -> %s", self.desc, index,
+                 record.steps, record.best_step, record.loss_first, record.loss_last, record.val_before, record.val_after)
+        return record
 
     def _oom_message(self, index: int, buffer: list[torch.Tensor], block_bytes: int, linears: dict[str, nn.Module], exc: BaseException) -> str:
         mib = 2**20

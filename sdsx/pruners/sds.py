@@ -27,6 +27,7 @@ import torch
 
 from sdsx import ops
 from sdsx.pruners.base import PruneResult, reconstruction_error
+from sdsx.pruners.blockfit import BlockFitOptions
 from sdsx.pruners.magnitude import magnitude, select_mask
 from sdsx.pruners.sparsegpt import FactorCache, sparsegpt
 from sdsx.pruners.spec import SparsitySpec
@@ -71,6 +72,12 @@ class SDSOptions:
     alpha: with target="dense", how much of the correction towards the dense model's outputs
         to take: the target is W_d (alpha X_d + (1 - alpha) X); 1 is the full dense target, 0 the
         paper's same-input target (GPTAQ's partial correction).
+    block_fit: after the layer phases, fit each block's kept weights (masks fixed) to the dense
+        model's hidden state (:mod:`sdsx.pruners.blockfit`; interleaved schedule only); with
+        validation windows its best iterate on them is kept.
+    block_lr, block_epochs, block_target: the block fit's Adam learning rate, passes over the
+        calibration windows and target ("dense" or "local"), see
+        :class:`~sdsx.pruners.blockfit.BlockFitOptions`.
     blocksize, percdamp: SparseGPT's settings.
     """
 
@@ -89,6 +96,10 @@ class SDSOptions:
     early_stop: bool = True
     target: str = "pruned"
     alpha: float = 1.0
+    block_fit: bool = False
+    block_lr: float = 1e-4
+    block_epochs: float = 2.0
+    block_target: str = "dense"
     blocksize: int = 128
     percdamp: float = 0.01
 
@@ -111,7 +122,14 @@ class SDSOptions:
             raise ValueError(f"adjust_score must be one of {ADJUST_SCORES}, got {self.adjust_score!r}")
         if self.blocksize < 1:
             raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
+        self.block_fit_options()  # checks the block fit's settings
         return self
+
+    def block_fit_options(self) -> "BlockFitOptions | None":
+        """The block fit's settings, or None when it is off."""
+        if not self.block_fit:
+            return None
+        return BlockFitOptions(epochs=self.block_epochs, lr=self.block_lr, target=self.block_target)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,189 @@
+"""Block-level reconstruction with fixed masks: fit a pruned decoder block's output to a target.
+
+After every linear of a block has been pruned (each against its own layer-wise objective), the
+block's output still drifts from the dense model's, because the layers' errors compose (through
+attention, the gated MLP and the residual stream) and because each layer was fitted to inputs that
+the earlier layers of the same block no longer produce. This step runs a few Adam steps on the
+block's kept weights, masks fixed, minimising the per-token relative error of the block's output
+against a target hidden state, over the calibration batches:
+
+- ``target="dense"``: the dense model's hidden state after this block (the dense model run on
+  the dense stream), so the block also undoes what the blocks before it got wrong;
+- ``target="local"``: the dense block applied to the pruned model's input of this block, the
+  block's own error only.
+
+With validation windows, the fit is scored every ``eval_every`` steps on the validation windows'
+deviation from the dense hidden state and the best iterate is kept (the starting weights
+included), so the step cannot make a block worse on held-out text.
+
+The algorithm is the pure function :func:`fit_block`; the driver supplies the block's forward
+pass and the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["BlockFitOptions", "BlockFitRecord", "as_block_fit", "fit_block", "relative_error"]
+
+TARGETS = ("dense", "local")
+
+
+@dataclass(frozen=True)
+class BlockFitOptions:
+    """Settings of the block-level fit.
+
+    Attributes:
+        epochs: passes over the calibration batches (one Adam step per batch); fractions allowed.
+        lr: Adam's learning rate on the kept weights.
+        target: "dense" (the dense model's hidden state) or "local" (the dense block on the
+            pruned input); see the module docstring.
+        eval_every: steps between validation checks (when validation windows are given).
+        patience: validation checks without improvement before the fit stops.
+        seed: seeds the order in which the batches are visited.
+    """
+
+    epochs: float = 2.0
+    lr: float = 1e-4
+    target: str = "dense"
+    eval_every: int = 8
+    patience: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"block fit target must be one of {TARGETS}, got {self.target!r}")
+        if not self.epochs > 0:
+            raise ValueError(f"block fit epochs must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"block fit lr must be > 0, got {self.lr}")
+        if self.eval_every < 1 or self.patience < 1:
+            raise ValueError(f"block fit eval_every and patience must be >= 1, got {self.eval_every} and {self.patience}")
+
+
+def as_block_fit(value: "BlockFitOptions | dict[str, Any] | bool | None") -> BlockFitOptions | None:
+    """Normalise the user's ``block_fit=`` argument: None/False (off), True (the defaults), a dict
+    of :class:`BlockFitOptions` fields, or the options themselves."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return BlockFitOptions()
+    if isinstance(value, BlockFitOptions):
+        return value
+    if isinstance(value, dict):
+        known = set(BlockFitOptions.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown block fit option(s) {unknown}; known: {sorted(known)}")
+        return BlockFitOptions(**value)
+    raise TypeError(f"block_fit must be None, a bool, a dict of options or BlockFitOptions, got {type(value).__name__}")
+
+
+@dataclass
+class BlockFitRecord:
+    """What one block's fit did: steps taken, the step whose weights were kept (0: the starting
+    weights), the training loss of the first and last steps, and the validation deviation of the
+    starting and kept weights (None without validation)."""
+
+    block: int
+    steps: int
+    best_step: int
+    loss_first: float
+    loss_last: float
+    val_before: float | None = None
+    val_after: float | None = None
+    seconds: float = 0.0
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ||out - target||^2 / ||target||^2 (differentiable in ``out``). Per token,
+    so that the few tokens with massive activations (the attention sink) do not drown the rest."""
+    out, target = out.float(), target.to(out.device).float()
+    num = (out - target).pow(2).sum(-1)
+    den = target.pow(2).sum(-1).clamp_min(1e-20)
+    return (num / den).mean()
+
+
+def fit_block(
+    forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    options: BlockFitOptions,
+    validate: Callable[[dict[str, torch.Tensor]], float] | None = None,
+    block: int = -1,
+) -> tuple[dict[str, torch.Tensor], BlockFitRecord]:
+    """Fit the kept entries of ``weights`` so that ``forward(weights, x)`` approaches the targets.
+
+    Args:
+        forward: ``(weights by name, input batch) -> output batch``, differentiable in the weights
+            (the driver uses ``torch.func.functional_call`` of the block).
+        weights: the pruned weights by parameter name; their zeros are the masks, kept fixed.
+        inputs, targets: the calibration batches and the hidden states to approach.
+        options: see :class:`BlockFitOptions`.
+        validate: ``weights -> deviation`` on held-out windows; the best iterate is kept.
+        block: the block's index, for the record.
+    Returns:
+        The kept weights (same dtypes and devices as given) and a :class:`BlockFitRecord`.
+    """
+    if len(inputs) != len(targets) or not inputs:
+        raise ValueError(f"block fit needs matching, non-empty inputs and targets, got {len(inputs)} and {len(targets)}")
+    dtypes = {k: w.dtype for k, w in weights.items()}
+    masks = {k: w != 0 for k, w in weights.items()}
+    # fp32 master copies: Adam's small steps vanish in bf16/fp16 weights
+    params = {k: w.detach().float().clone().requires_grad_(True) for k, w in weights.items()}
+    opt = torch.optim.Adam(params.values(), lr=options.lr)
+
+    def current() -> dict[str, torch.Tensor]:
+        return {k: p.to(dtypes[k]) for k, p in params.items()}
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: p.detach().to(dtypes[k]).clone() for k, p in params.items()}
+
+    steps = max(1, round(options.epochs * len(inputs)))
+    gen = torch.Generator().manual_seed(options.seed)
+    order: list[int] = []
+    while len(order) < steps:
+        order += torch.randperm(len(inputs), generator=gen).tolist()
+    record = BlockFitRecord(block=block, steps=0, best_step=0, loss_first=float("nan"), loss_last=float("nan"))
+    best = snapshot() if validate is not None else None
+    if validate is not None:
+        with torch.no_grad():
+            record.val_before = record.val_after = float(validate(current()))
+        record.history.append((0, record.val_before))
+    stale = 0
+    for step, i in enumerate(order[:steps], start=1):
+        with torch.enable_grad():
+            loss = relative_error(forward(current(), inputs[i]), targets[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for k, p in params.items():
+                p.mul_(masks[k])
+        value = float(loss.detach())
+        if step == 1:
+            record.loss_first = value
+        record.loss_last = value
+        record.steps = step
+        if validate is not None and (step % options.eval_every == 0 or step == steps):
+            with torch.no_grad():
+                dev = float(validate(current()))
+            record.history.append((step, dev))
+            if dev < record.val_after:
+                record.val_after, record.best_step, best, stale = dev, step, snapshot(), 0
+            else:
+                stale += 1
+                if stale >= options.patience:
+                    break
+    if best is None:
+        record.best_step = record.steps
+        best = snapshot()
+    return best, record
