@@ -134,8 +134,9 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", metavar="SOURCE", default=None,
                    help="calibration text: a .txt / .jsonl (\"text\" field) / WikiText .raw file, or a hub dataset "
-                        "(c4, wikitext2, ptb; needs network). Default: $SDSX_DATA/calib/sotu_1990_2021.txt "
-                        "(State of the Union addresses) when it exists")
+                        "(c4, wikitext2, ptb; needs network); several, comma-separated, are mixed evenly; 'self' samples "
+                        "the sequences from the dense model itself (seeded, cached). Default: "
+                        "$SDSX_DATA/calib/sotu_1990_2021.txt (State of the Union addresses) when it exists")
     g.add_argument("--nsamples", type=_positive_int, default=DEFAULT_NSAMPLES, metavar="N",
                    help=f"calibration sequences (default {DEFAULT_NSAMPLES}; the paper uses 128 x 2048 tokens of C4)")
     g.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN, metavar="L",
@@ -438,8 +439,8 @@ def _row(model_label: str, method: str, sparsity: str, ev: dict[str, Any], ppl_n
 
 
 # --------------------------------------------------------------------------------------- pruning
-def _calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
-    from sdsx.data import calibration
+def _calibration(args: argparse.Namespace, tokenizer: Any, model: Any = None) -> tuple[Any, dict[str, Any]]:
+    from sdsx.data.sources import SELF, calibration_from
 
     source = args.calib
     if source is None:
@@ -450,11 +451,14 @@ def _calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, dict[st
                 f"the default {CALIB_FILE} was not found under $SDSX_DATA or ../shared/data"
             )
         source = str(found)
-    elif not Path(source).expanduser().is_file() and source.lower() not in ("c4", "wikitext2", "ptb"):
-        raise FileNotFoundError(f"calibration file {source} does not exist (or give c4, wikitext2 or ptb with network)")
+    elif source.strip().lower() != SELF:
+        for part in [source] if Path(source).expanduser().is_file() else [p.strip() for p in source.split(",") if p.strip()]:
+            if not Path(part).expanduser().is_file() and part.lower() not in ("c4", "wikitext2", "ptb"):
+                raise FileNotFoundError(f"calibration file {part} does not exist (or give c4, wikitext2 or ptb with network, "
+                                        "several sources separated by commas, or self)")
     t0 = time.perf_counter()
-    ids = calibration(str(Path(source).expanduser()) if Path(source).expanduser().is_file() else source, tokenizer,
-                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    ids = calibration_from(source, tokenizer, model, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                           progress=not getattr(args, "no_progress", False))
     log.info("calibration: %d x %d tokens from %s (%.1fs)", args.nsamples, args.seqlen, source, time.perf_counter() - t0)
     desc = {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "tokens": int(ids.numel())}
     return ids, desc
@@ -624,7 +628,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if meta is not None and meta.get("pattern"):
         raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); prune the dense model")
     evaluate = _Evaluator(args, tok, ppl_default=True)
-    calib, calib_desc = _calibration(args, tok)
+    calib, calib_desc = _calibration(args, tok, model)
 
     rows = []
     dense = _dense_eval(evaluate, model, device, args, label) if not evaluate.empty else {}
@@ -725,7 +729,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if meta is not None and meta.get("pattern"):
         raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); compare needs the dense model")
     evaluate = _Evaluator(args, tok, ppl_default=True)
-    calib, calib_desc = _calibration(args, tok)
+    calib, calib_desc = _calibration(args, tok, model)
     blocks, path = find_blocks(model)
     linears = {}
     for i, block in enumerate(blocks):
