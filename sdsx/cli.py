@@ -194,6 +194,17 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
                    help="keep SDS's weights for every block even where phase 1's are closer to the dense model on validation")
     g.add_argument("--no-early-stop", action="store_true",
                    help="return the adjustment's last iterate, not the one with the lowest validation error")
+    g = p.add_argument_group("block fit (every method: masks fixed, each block's kept weights fitted to the dense model's "
+                             "hidden state; defaults are sdsx.SDSOptions')")
+    g.add_argument("--block-fit", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"fit each pruned block to the dense model's hidden state with a few Adam steps, keeping the best "
+                        f"iterate on the validation windows (default for sds: {d.block_fit}; for the other methods: off)")
+    g.add_argument("--block-lr", type=_nonneg_float, default=None, metavar="F", help=f"the block fit's Adam learning rate (default {d.block_lr})")
+    g.add_argument("--block-epochs", type=_nonneg_float, default=None, metavar="E",
+                   help=f"the block fit's passes over the calibration windows (default {d.block_epochs})")
+    g.add_argument("--block-target", choices=("dense", "local"), default=None,
+                   help=f"what the block fit approaches: the dense model's hidden state (dense) or the dense block on the "
+                        f"pruned input (local) (default {d.block_target})")
     g.add_argument("--early-exit-params", type=float, default=3e9, metavar="P",
                    help="skip the adjustment for models with more than P parameters (the paper's early exit; default 3e9)")
 
@@ -440,7 +451,7 @@ def _row(model_label: str, method: str, sparsity: str, ev: dict[str, Any], ppl_n
 
 # --------------------------------------------------------------------------------------- pruning
 def _calibration(args: argparse.Namespace, tokenizer: Any, model: Any = None) -> tuple[Any, dict[str, Any]]:
-    from sdsx.data.sources import SELF, calibration_from
+    from sdsx.data.sources import calibration_from
 
     source = args.calib
     if source is None:
@@ -451,11 +462,6 @@ def _calibration(args: argparse.Namespace, tokenizer: Any, model: Any = None) ->
                 f"the default {CALIB_FILE} was not found under $SDSX_DATA or ../shared/data"
             )
         source = str(found)
-    elif source.strip().lower() != SELF:
-        for part in [source] if Path(source).expanduser().is_file() else [p.strip() for p in source.split(",") if p.strip()]:
-            if not Path(part).expanduser().is_file() and part.lower() not in ("c4", "wikitext2", "ptb"):
-                raise FileNotFoundError(f"calibration file {part} does not exist (or give c4, wikitext2 or ptb with network, "
-                                        "several sources separated by commas, or self)")
     t0 = time.perf_counter()
     ids = calibration_from(source, tokenizer, model, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                            progress=not getattr(args, "no_progress", False))
@@ -475,6 +481,7 @@ def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "reselect": False if args.no_reselect else None, "keep_better": False if args.no_keep_better else None,
         "adjust_score": getattr(args, "adjust_score", None), "target": args.target, "alpha": args.alpha,
         "block_guard": False if args.no_block_guard else None, "early_stop": False if args.no_early_stop else None,
+        "block_fit": args.block_fit, "block_lr": args.block_lr, "block_epochs": args.block_epochs, "block_target": args.block_target,
     }
     out = {}
     for key, value in wanted.items():
@@ -520,6 +527,15 @@ def _run_method(
         kwargs["blocksize"] = args.blocksize
     if args.percdamp is not None:
         kwargs["percdamp"] = args.percdamp
+    if args.block_fit:
+        from sdsx.pruners.sds import SDSOptions
+        from sdsx.sds import auto_validation
+
+        d = SDSOptions()
+        kwargs["block_fit"] = dict(lr=d.block_lr if args.block_lr is None else args.block_lr, target=args.block_target or d.block_target,
+                                   epochs=d.block_epochs if args.block_epochs is None else args.block_epochs)
+        validation = _validation_arg(args)
+        kwargs["validation"] = auto_validation(int(calib.shape[0])) if validation == "auto" else validation
     return prune(model, calib, method, sparsity, device=device, progress=progress, **kwargs)
 
 
@@ -553,13 +569,18 @@ def _check_inputs(args: argparse.Namespace, calib: bool) -> None:
         if importlib.util.find_spec("lm_eval") is None:
             raise CLIError("--harness lm-eval needs lm-evaluation-harness: pip install 'sdsx[lmeval]' (or use the built-in --harness sdsx)")
     sources = [("--ppl", args.ppl)] + ([("--calib", args.calib)] if calib else [])
-    for flag, source in sources:
-        if source is None or source.lower() == "none" and flag == "--ppl":
+    for flag, whole in sources:
+        if whole is None or whole.lower() == "none" and flag == "--ppl":
             continue
-        if not Path(source).expanduser().is_file() and source.lower() not in HUB_DATASETS:
-            raise FileNotFoundError(
-                f"{flag} {source}: no such file (or give a hub dataset name: {', '.join(sorted(HUB_DATASETS))}, which needs network)"
-            )
+        if flag == "--calib" and whole.strip().lower() == "self":
+            continue
+        parts = [whole] if flag == "--ppl" or Path(whole).expanduser().is_file() else [p.strip() for p in whole.split(",") if p.strip()]
+        for source in parts:
+            if not Path(source).expanduser().is_file() and source.lower() not in HUB_DATASETS:
+                raise FileNotFoundError(
+                    f"{flag} {source}: no such file (or give a hub dataset name: {', '.join(sorted(HUB_DATASETS))}, which needs network"
+                    + ("; several sources separated by commas, or self)" if flag == "--calib" else ")")
+                )
     if calib and args.calib is None and _default_file(CALIB_FILE) is None:
         raise CLIError(
             "no calibration text: pass --calib (a .txt/.jsonl file, or c4 / wikitext2 with network); "

@@ -382,3 +382,24 @@ def test_eval_smollm2_few_items(smollm2, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "copa acc" in out and "lambada_openai ppl" in out
+
+
+def test_prune_with_block_fit_and_mixed_or_self_calibration(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDSX_CACHE", str(tmp_path / "cache"))
+    (files / "calib2.txt").write_text(TEXT[::-1] * 30, encoding="utf-8")
+    args = ["prune", str(files / "tiny"), "--calib", f"{files / 'calib.txt'},{files / 'calib2.txt'}", "--nsamples", "8", "--seqlen", "32",
+            "--ppl", "none", "--no-progress", "-q", "--method", "sparsegpt", "--sparsity", "2:4", "--block-fit",
+            "--block-lr", "1e-3", "--block-epochs", "1", "--out", str(tmp_path / "fit")]
+    assert main(args) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "fit" / META_NAME).read_text())
+    assert meta["calibration"]["nsamples"] == 8 and "," in meta["calibration"]["source"]
+    run = json.loads((tmp_path / "fit" / "report" / "report.json").read_text())["runs"][0]
+    assert run["options"]["block_fit"]["lr"] == 1e-3 and run["options"]["validation"] == 2  # auto: 1/8 of 8, at least 2
+    assert len(run["fits"]) == len(run["blocks"]) == 2
+    args_self = ["prune", str(files / "tiny"), "--calib", "self", "--nsamples", "2", "--seqlen", "16", "--ppl", "none", "--no-progress",
+                 "-q", "--method", "wanda", "--sparsity", "0.5", "--out", str(tmp_path / "self")]
+    assert main(args_self) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "self" / META_NAME).read_text())["calibration"]["source"] == "self"
+    assert list((tmp_path / "cache" / "calib-self").glob("*.pt"))
+    assert main([*args_self[:-1], str(tmp_path / "nope"), "--calib", "missing.txt,x.txt"]) == 1
+    one_line_error(capsys.readouterr().err, "--calib missing.txt: no such file")
