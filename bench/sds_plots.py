@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 def depth_curve(row: dict) -> list[float]:
-    """The deviation after each block for the weights the run kept."""
+    """The deviation after each block for the weights the run kept (after the block fit, if any)."""
     blocks = sorted(row.get("blocks") or [], key=lambda b: b["block"])
-    return [b["deviation"][b["chosen"]] for b in blocks]
+    return [b["deviation"].get("fit", b["deviation"][b["chosen"]]) for b in blocks]
 
 
 def main(argv: list[str] | None = None) -> int:

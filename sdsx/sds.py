@@ -77,13 +77,14 @@ class SDSReport(PruneReport):
                 f"validation: {self.validation_samples} held-out calibration sequences; the block guard kept phase 1 on "
                 f"{len(self.kept_blocks)} of {len(self.blocks)} blocks",
                 "",
-                "| block | deviation, phase 1 weights | deviation, SDS weights | kept |",
-                "|---:|---:|---:|---|",
+                "| block | deviation, phase 1 weights | deviation, SDS weights | kept | after the block fit |",
+                "|---:|---:|---:|---|---:|",
             ]
             for b in sorted(self.blocks, key=lambda b: b["block"]):
                 d = b["deviation"]
                 cells = " | ".join(f"{d[k]:.4g}" if k in d else "" for k in ("phase1", "sds"))
-                lines.append(f"| {b['block']} | {cells} | {b['chosen']} |")
+                fit = f"{d['fit']:.4g}" if "fit" in d else ""
+                lines.append(f"| {b['block']} | {cells} | {b['chosen']} | {fit} |")
         if per_layer and self.phase_errors:
             phases = [p for p in ("sparse", "dense", "sparse2", "adjust", "final") if any(p in e for e in self.phase_errors.values())]
             lines += ["", "| layer | " + " | ".join(phases) + " | kept phase 1 |", "|---|" + "---:|" * len(phases) + "---|"]
@@ -242,7 +243,10 @@ def sds_prune(
     if opts.target == "dense" and schedule != "interleaved":
         raise ValueError(f"target='dense' (the dense model's activations as targets) runs with schedule='interleaved', not {schedule!r}")
     if opts.block_fit and schedule != "interleaved":
-        raise ValueError(f"block_fit runs with schedule='interleaved', not {schedule!r}")
+        if overrides.get("block_fit") or (options is not None and options.block_fit):
+            raise ValueError(f"block_fit runs with schedule='interleaved', not {schedule!r}; pass block_fit=False")
+        log.info("SDS: the block fit runs with the interleaved schedule only; schedule %r runs without it", schedule)
+        opts = dataclasses.replace(opts, block_fit=False)
     if opts.target == "dense" and checkpoint_dir is not None:
         raise ValueError("target='dense' cannot be checkpointed yet (its second activation stream is not saved); drop checkpoint_dir")
     spec = SparsitySpec.parse(sparsity)

@@ -121,5 +121,7 @@ def test_sds_with_block_fit_and_schedule_errors():
     assert report.options["block_fit"] is True
     with pytest.raises(ValueError, match="interleaved"):
         sdsx.sds_prune(make_tiny("llama"), calib, "2:4", progress=False, schedule="phased", block_fit=True, validation=None)
+    phased = sdsx.sds_prune(make_tiny("llama"), calib, "2:4", progress=False, schedule="phased", validation=None, dense_iters=2, adjust_iters=2)
+    assert phased.fits == [] and phased.options["block_fit"] is False  # the default fit is for the interleaved schedule
     with pytest.raises(ValueError, match="block fit target"):
         sdsx.sds_prune(make_tiny("llama"), calib, "2:4", progress=False, block_fit=True, block_target="x")

@@ -125,8 +125,9 @@ def test_adjust_early_stop_returns_the_best_validation_iterate():
 
 def _hurting_options():
     # an l1 so strong that the re-dense step zeroes almost everything, no adjustment to repair it,
-    # and no per-layer guard: SDS's weights are then far worse than phase 1's
-    return dict(l1=50.0, adjust=False, keep_better=False)
+    # and no per-layer guard: SDS's weights are then far worse than phase 1's; no block fit, which
+    # would repair them on its own
+    return dict(l1=50.0, adjust=False, keep_better=False, block_fit=False)
 
 
 def test_block_guard_keeps_phase1_where_sds_hurts():
@@ -163,6 +164,8 @@ def test_default_guard_never_worse_than_phase1_on_validation():
     assert rep.validation_samples == 2  # "auto": 1/8 of 16
     for b in rep.blocks:
         assert b["deviation"][b["chosen"]] <= b["deviation"]["phase1"]
+        assert b["deviation"]["fit"] <= b["deviation"][b["chosen"]]  # the block fit keeps its best iterate, the start included
+    assert rep.deviation == [b["deviation"]["fit"] for b in rep.blocks]
     for name, e in rep.phase_errors.items():
         assert {"val_sparse", "val_final", "mask_agreement"} <= set(e)
         if name not in rep.kept_phase1:

@@ -46,8 +46,8 @@ class BlockFitOptions:
         seed: seeds the order in which the batches are visited.
     """
 
-    epochs: float = 2.0
-    lr: float = 1e-4
+    epochs: float = 1.0
+    lr: float = 3e-4
     target: str = "dense"
     eval_every: int = 8
     patience: int = 2

@@ -74,10 +74,13 @@ class SDSOptions:
         paper's same-input target (GPTAQ's partial correction).
     block_fit: after the layer phases, fit each block's kept weights (masks fixed) to the dense
         model's hidden state (:mod:`sdsx.pruners.blockfit`; interleaved schedule only); with
-        validation windows its best iterate on them is kept.
+        validation windows its best iterate on them is kept. On by default: on SmolLM2-135M 2:4 it
+        took SparseGPT's validation perplexity from 70.87 to 46.79 (docs/sds.md). The other
+        schedules run without it.
     block_lr, block_epochs, block_target: the block fit's Adam learning rate, passes over the
         calibration windows and target ("dense" or "local"), see
-        :class:`~sdsx.pruners.blockfit.BlockFitOptions`.
+        :class:`~sdsx.pruners.blockfit.BlockFitOptions`. 3e-4 beat 1e-4 on validation (46.79 vs
+        49.71); one epoch keeps SDS within 3x its base pruner's time.
     blocksize, percdamp: SparseGPT's settings.
     """
 
@@ -96,9 +99,9 @@ class SDSOptions:
     early_stop: bool = True
     target: str = "pruned"
     alpha: float = 1.0
-    block_fit: bool = False
-    block_lr: float = 1e-4
-    block_epochs: float = 2.0
+    block_fit: bool = True
+    block_lr: float = 3e-4
+    block_epochs: float = 1.0
     block_target: str = "dense"
     blocksize: int = 128
     percdamp: float = 0.01
