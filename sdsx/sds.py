@@ -30,7 +30,7 @@ from sdsx.pruners.sds import (
     SDSOptions,
     SharedH,
     _one_shot,
-    adjust,
+    final_adjust,
     redense,
     regularizer_scale,
     sds_layer,
@@ -370,7 +370,7 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
         new, mask = s2.weight.float(), s2.mask
         phase_errors[name]["sparse2"] = reconstruction_error(Wd, new, H)
         if opts.adjust:
-            new, mask = adjust(new, Wd, sh.Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score)
+            new, mask = final_adjust(new, mask.to(Wd.device), Wd, sh.Hd, spec, opts, sh.lam)
             phase_errors[name]["adjust"] = reconstruction_error(Wd, new, H)
         err = reconstruction_error(Wd, new, H)
         # phase 1's error was measured on other inputs; compare both on this pass's H

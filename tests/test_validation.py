@@ -216,3 +216,21 @@ def test_refit_reaches_the_masked_least_squares_solution():
         k = mask[r]
         exact = torch.linalg.solve(H[k][:, k].double(), (H.double() @ W_d[r].double())[k])
         torch.testing.assert_close(W[r, k].double(), exact, rtol=1e-3, atol=1e-4)
+
+
+def test_phased_schedule_uses_the_cg_refit_when_the_mask_is_fixed(monkeypatch):
+    """reselect=False means the CG refit on the fixed mask in every schedule, not only the interleaved one."""
+    import sdsx.pruners.sds as sds_mod
+
+    calls = []
+    real = sds_mod.refit
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sds_mod, "refit", counting)
+    model = make_tiny("llama")
+    rep = sdsx.sds_prune(model, tiny_calib(nsamples=4), "2:4", schedule="phased", validation=None, progress=False,
+                         reselect=False, dense_iters=2, adjust_iters=3)
+    assert len(calls) == len(rep.phase_errors) == len(model_linears(model))

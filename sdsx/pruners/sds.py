@@ -308,6 +308,17 @@ def adjust(
     return best.result(W, mask)
 
 
+def final_adjust(
+    W: torch.Tensor, mask: torch.Tensor, W_d: torch.Tensor, H: torch.Tensor, spec: SparsitySpec, opts: SDSOptions,
+    lam: torch.Tensor | float, shift: torch.Tensor | None = None, H_val: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 3's weight adjustment as ``opts`` asks: projected gradient with the mask re-selected
+    every iteration (``reselect``, the paper's), else the CG refit on the fixed ``mask``."""
+    if opts.reselect:
+        return adjust(W, W_d, H, spec, opts.adjust_iters, True, lam, opts.adjust_score, shift, H_val)
+    return refit(W, W_d, H, mask, opts.adjust_iters, shift, H_val), mask
+
+
 def refit(
     W_start: torch.Tensor,
     W_d: torch.Tensor,
@@ -465,10 +476,7 @@ def sds_tail(
     errors["sparse2"] = target_error(Wd, final_w, H, shift)
     if opts.adjust:
         H_stop = Hv if opts.early_stop else None
-        if opts.reselect:
-            final_w, final_mask = adjust(final_w, Wd, Hd, spec, opts.adjust_iters, opts.reselect, sh.lam, opts.adjust_score, shift, H_stop)
-        else:
-            final_w = refit(final_w, Wd, Hd, final_mask.to(Wd.device), opts.adjust_iters, shift, H_stop)
+        final_w, final_mask = final_adjust(final_w, final_mask.to(Wd.device), Wd, Hd, spec, opts, sh.lam, shift, H_stop)
         errors["adjust"] = target_error(Wd, final_w, H, shift)
     final_err = errors["adjust"] if opts.adjust else errors["sparse2"]  # the error of final_w, already measured
     kept = False
