@@ -21,6 +21,7 @@ __all__ = [
     "get_weight",
     "set_weight",
     "in_features",
+    "layer_kinds",
     "vocab_size",
     "max_positions",
 ]
@@ -75,6 +76,25 @@ def find_blocks(model: nn.Module) -> Blocks:
         f"nn.ModuleList at {', '.join('model.' + p for p in BLOCK_PATHS)}{detail}. Pass a causal LM "
         "such as LlamaForCausalLM, OPTForCausalLM or GPT2LMHeadModel."
     )
+
+
+def layer_kinds(model: nn.Module, blocks: nn.ModuleList) -> list[str | None]:
+    """Each block's attention kind where the model mixes kinds (Gemma 2/3, OLMo 3 and Qwen with
+    sliding-window layers: "sliding_attention" / "full_attention"), else None for every block.
+
+    The model builds one attention mask (and, for Gemma 3, one rotary table) per kind and hands each
+    block its own, so a block must be replayed with the arguments of its kind. Read from the config's
+    ``layer_types`` (transformers 5), else from each block's ``attention_type``.
+    """
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "get_text_config", None)
+    config = text_config() if callable(text_config) else config
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(kinds) == len(blocks):
+        found = [str(k) for k in kinds]
+    else:
+        found = [getattr(b, "attention_type", None) for b in blocks]
+    return found if len(set(found)) > 1 else [None] * len(blocks)
 
 
 def is_conv1d(module: nn.Module) -> bool:
