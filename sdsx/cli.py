@@ -149,6 +149,9 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN, metavar="L",
                    help=f"tokens per calibration sequence (default {DEFAULT_SEQLEN}; the paper uses 2048)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    g.add_argument("--blocks", metavar="PATH", default=None,
+                   help="where the decoder blocks are, for a model whose layout sdsx does not know: the dotted attribute "
+                        "path from the model to their nn.ModuleList (e.g. model.layers)")
     from sdsx.pruners.sds import SDSOptions
 
     d = SDSOptions()  # the help shows the library's defaults; unset options are not passed on
@@ -341,6 +344,14 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, dict | None
         raise CLIError(f"could not load model {name!r} from the hub: {str(exc).splitlines()[0]}") from exc
     model.eval()
     return model, tok, None, name
+
+
+def _point_at_blocks(model: Any, path: str | None) -> None:
+    """--blocks: tell sdsx where the decoder blocks of an unknown layout are."""
+    if path is not None:
+        from sdsx.model.blocks import use_blocks
+
+        use_blocks(model, path)
 
 
 def _device(arg: str | None):
@@ -671,6 +682,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_inputs(args, calib=True)
     model, tok, meta, label = load_model(args.model, args.dtype)
+    _point_at_blocks(model, args.blocks)
     if meta is not None and meta.get("pattern"):
         raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); prune the dense model")
     evaluate = _Evaluator(args, tok, ppl_default=True)
@@ -773,6 +785,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_inputs(args, calib=True)
     model, tok, meta, label = load_model(args.model, args.dtype)
+    _point_at_blocks(model, args.blocks)
     if meta is not None and meta.get("pattern"):
         raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); compare needs the dense model")
     evaluate = _Evaluator(args, tok, ppl_default=True)

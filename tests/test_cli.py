@@ -295,6 +295,8 @@ def test_overwrite(files, tmp_path, capsys):
         (["prune", "MODEL", "--calib", "CALIB", "--distributed", "--schedule", "phased"], 1, r"not --schedule phased"),
         (["prune", "MODEL", "--calib", "CALIB", "--distributed", "--out", "OUT"], 1, r"environment that torchrun sets"),
         (["compare", "MODEL", "--calib", "CALIB", "--distributed"], 1, r"--distributed is for `sdsx prune"),
+        (["prune", "MODEL", "--calib", "CALIB", "--blocks", "model.nope", "--ppl", "none"], 1,
+         r'blocks="model.nope" finds nothing in LlamaForCausalLM.*model.layers'),
     ],
 )
 def test_bad_input_is_one_line(files, capsys, monkeypatch, argv, code, pattern):
