@@ -127,12 +127,16 @@ def _refuse_experts(model: nn.Module, layers: nn.ModuleList, path: str) -> None:
     """Raise for a mixture-of-experts model: its experts are fused 3-D parameters (transformers 5)
     or lists of MLPs that see only the tokens routed to them, so pruning them with the block's
     statistics, or pruning only the attention and reporting the model pruned, would be wrong."""
+    config = getattr(model, "config", None)
+    counts = {getattr(config, a, None) for a in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")}
+    counts = {c for c in counts if isinstance(c, int) and c > 1}
     for index, block in enumerate(layers):
         for name, module in block.named_modules():
             cls = type(module).__name__
-            fused = any(p.dim() >= 3 for p in module.parameters(recurse=False))
+            # a 3-D parameter with one slice per expert (not, e.g., a convolution's kernel)
+            fused = any(p.dim() >= 3 and p.shape[0] in counts for p in module.parameters(recurse=False))
             if fused or name.rsplit(".", 1)[-1] == "experts" or cls.endswith(("Experts", "MoE")) or "SparseMoe" in cls:
-                kind = getattr(getattr(model, "config", None), "model_type", None)
+                kind = getattr(config, "model_type", None)
                 raise ValueError(
                     f"{type(model).__name__} (model_type {kind!r}) is a mixture-of-experts model ({cls} at {path}.{index}.{name}): "
                     "sdsx does not prune experts yet (each expert needs the statistics of the tokens routed to it, and "
