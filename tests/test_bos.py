@@ -103,6 +103,10 @@ def test_zero_shot_prefix_follows_the_tokenizer(model, bos_tok, plain_tok, tmp_p
 
     assert lls(bos_tok, "auto") == lls(bos_tok, "always") != lls(bos_tok, "never")
     assert lls(plain_tok, "auto") == lls(plain_tok, "never")
+    from sdsx.eval.lmeval import lm_eval_zero_shot
+
+    with pytest.raises(ValueError, match="needs the built-in evaluator"):  # lm-eval adds BOS only as the tokenizer does
+        lm_eval_zero_shot(model, plain_tok, "piqa", data_dir=tmp_path, bos="always")
 
 
 def test_cli_option_and_record(model, bos_tok, tmp_path, capsys):
