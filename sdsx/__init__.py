@@ -29,6 +29,7 @@ _LAZY = {
     "PruneReport": "sdsx.api",
     "SDSReport": "sdsx.sds",
     "BlockDriver": "sdsx.model.driver",
+    "use_blocks": "sdsx.model.blocks",
     "Checkpoint": "sdsx.checkpoint",
     "CheckpointMismatch": "sdsx.checkpoint",
     "load_text": "sdsx.data",

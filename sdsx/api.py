@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, vocab_size
+from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, use_blocks, vocab_size
 from sdsx.checkpoint import Checkpoint, fingerprint_calibration, fingerprint_model
 from sdsx.model.driver import BlockDriver, BlockState, DriverResult, LayerFn, as_batches
 from sdsx.pruners import FactorCache, PruneResult, SparsitySpec, magnitude, sparsegpt, wanda
@@ -382,6 +382,7 @@ def prune(
     save_activations: bool | None = None,
     validation: int | float | None = None,
     block_fit: BlockFitOptions | dict[str, Any] | bool | None = None,
+    blocks: str | None = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block of ``model`` in place, in one shot.
 
@@ -418,12 +419,17 @@ def prune(
             (:mod:`sdsx.pruners.blockfit`): True for the defaults, or a dict of
             :class:`~sdsx.pruners.blockfit.BlockFitOptions` fields. With ``validation`` the best
             iterate on the held-out windows is kept (never worse than the pruner's weights there).
+        blocks: where the decoder blocks are, for a model whose layout sdsx does not know: the
+            dotted attribute path from ``model`` to their ``nn.ModuleList`` (e.g.
+            ``"backbone.layers"``; see :func:`sdsx.model.blocks.use_blocks`).
     Returns:
         A :class:`PruneReport`.
     """
     import time
 
     start = time.perf_counter()
+    if blocks is not None:
+        use_blocks(model, blocks)
     _check_options(method, blocksize, percdamp)
     method = method.lower()
     spec = SparsitySpec.parse(sparsity)

@@ -28,6 +28,8 @@ DEFAULT_NSAMPLES = 32
 DEFAULT_SEQLEN = 512
 PRUNE_METHODS = ("sds", "sparsegpt", "wanda", "magnitude")
 COMPARE_METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "sds", "sds-sparsegpt", "sds-wanda")
+#: sdsx.data.bos.BOS_MODES, spelled out so that --help does not import torch
+BOS_CHOICES = ("auto", "always", "never")
 CALIB_FILE = Path("calib") / "sotu_1990_2021.txt"
 WIKITEXT_FILE = Path("wikitext2") / "wiki.test.raw"
 
@@ -126,6 +128,11 @@ def _eval_options(p: argparse.ArgumentParser, ppl_help: str) -> None:
     g.add_argument("--harness", choices=("sdsx", "lm-eval"), default="sdsx",
                    help="zero-shot evaluator: sdsx's built-in one (default; lm-evaluation-harness's definitions) or "
                         "lm-evaluation-harness itself on the same task files (needs pip install 'sdsx[lmeval]')")
+    g.add_argument("--bos", choices=BOS_CHOICES, default="auto",
+                   help="how calibration and perplexity windows and zero-shot contexts start: auto (default): with the "
+                        "tokenizer's BOS token where the tokenizer starts texts with it (Gemma, LLaMA-2, OPT), a window "
+                        "then holding BOS + L-1 text tokens; always: with BOS for any tokenizer; never: windows cut from "
+                        "one token stream (the published SparseGPT/Wanda protocol)")
     g.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
                    help="sequences per forward call in zero-shot evaluation (default 8; perplexity runs one window at a time)")
 
@@ -142,6 +149,9 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN, metavar="L",
                    help=f"tokens per calibration sequence (default {DEFAULT_SEQLEN}; the paper uses 2048)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    g.add_argument("--blocks", metavar="PATH", default=None,
+                   help="where the decoder blocks are, for a model whose layout sdsx does not know: the dotted attribute "
+                        "path from the model to their nn.ModuleList (e.g. model.layers)")
     from sdsx.pruners.sds import SDSOptions
 
     d = SDSOptions()  # the help shows the library's defaults; unset options are not passed on
@@ -336,6 +346,14 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, dict | None
     return model, tok, None, name
 
 
+def _point_at_blocks(model: Any, path: str | None) -> None:
+    """--blocks: tell sdsx where the decoder blocks of an unknown layout are."""
+    if path is not None:
+        from sdsx.model.blocks import use_blocks
+
+        use_blocks(model, path)
+
+
 def _device(arg: str | None):
     import torch
 
@@ -374,12 +392,16 @@ class _Evaluator:
         self.ppl_source = self._ppl_source(args.ppl, ppl_default)
         self.ppl_name = None
         self.ids = None
+        from sdsx.data.bos import bos_id, protocol
+
+        token = bos_id(tokenizer, args.bos)
+        self.protocol = protocol(args.bos, token)
         if self.ppl_source is not None:
             from sdsx.data import load_text
             from sdsx.data.calibration import encode
 
             text = load_text(self.ppl_source)
-            self.ids = encode(tokenizer, text)
+            self.ids = encode(tokenizer, text, special_tokens=token is None)
             self.ppl_name = _short(self.ppl_source)
         self.tasks = resolve_tasks(args.tasks) if args.tasks else []
 
@@ -398,6 +420,12 @@ class _Evaluator:
     def empty(self) -> bool:
         return self.ids is None and not self.tasks
 
+    def settings(self) -> dict[str, Any]:
+        """What a report records about the evaluation (with the window protocol)."""
+        a = self.args
+        return {"ppl_source": self.ppl_source, "ppl_seqlen": a.ppl_seqlen, "max_windows": a.max_windows,
+                "tasks": self.tasks, "limit": a.limit, **self.protocol}
+
     def __call__(self, model: Any, device: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
         progress = not self.args.no_progress
@@ -406,8 +434,8 @@ class _Evaluator:
 
             t0 = time.perf_counter()
             out["ppl"] = perplexity(
-                model, self.ids, seqlen=self.args.ppl_seqlen, batch_size=1, max_windows=self.args.max_windows,
-                device=device, progress=progress,
+                model, self.ids, self.tokenizer, seqlen=self.args.ppl_seqlen, batch_size=1, max_windows=self.args.max_windows,
+                device=device, progress=progress, bos=self.args.bos,
             )
             log.info("perplexity on %s: %.3f (%.1fs)", self.ppl_name, out["ppl"], time.perf_counter() - t0)
         if self.tasks:
@@ -419,7 +447,8 @@ class _Evaluator:
             with _on_device(model, device):
                 out["zeroshot"] = run(
                     model, self.tokenizer, self.tasks, data_dir=self.args.data_dir, limit=self.args.limit,
-                    batch_size=self.args.batch_size, **({"progress": progress} if self.args.harness == "sdsx" else {}),
+                    batch_size=self.args.batch_size, bos=self.args.bos,
+                    **({"progress": progress} if self.args.harness == "sdsx" else {}),
                 )
         return out
 
@@ -464,9 +493,16 @@ def _calibration(args: argparse.Namespace, tokenizer: Any, model: Any = None) ->
         source = str(found)
     t0 = time.perf_counter()
     ids = calibration_from(source, tokenizer, model, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                           progress=not getattr(args, "no_progress", False))
+                           progress=not getattr(args, "no_progress", False), bos=args.bos)
     log.info("calibration: %d x %d tokens from %s (%.1fs)", args.nsamples, args.seqlen, source, time.perf_counter() - t0)
-    desc = {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "tokens": int(ids.numel())}
+    from sdsx.data.bos import bos_id, protocol
+    from sdsx.data.sources import SELF
+
+    windows = protocol(args.bos, bos_id(tokenizer, args.bos))
+    if source.strip().lower() == SELF:  # sampled sequences start as self_calibration says, whatever --bos is
+        windows = {"bos": None, "bos_token_id": getattr(tokenizer, "bos_token_id", None), "windows": "sampled from the dense model"}
+    desc = {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "tokens": int(ids.numel()),
+            **windows}
     return ids, desc
 
 
@@ -595,7 +631,7 @@ def _dense_eval(evaluate: "_Evaluator", model: Any, device: Any, args: argparse.
     """The dense model's evaluation; with --out it is kept in the checkpoint folder, so that a
     resumed run does not evaluate the dense model again."""
     key = {"model": label, "ppl": evaluate.ppl_source, "ppl_seqlen": args.ppl_seqlen, "max_windows": args.max_windows,
-           "tasks": evaluate.tasks, "limit": args.limit, "harness": args.harness}
+           "tasks": evaluate.tasks, "limit": args.limit, "harness": args.harness, "bos": evaluate.protocol["bos_token_id"]}
     from sdsx.checkpoint import SUBDIR
 
     cache = Path(args.out).expanduser() / SUBDIR / _DENSE_EVAL if args.out is not None else None
@@ -646,6 +682,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_inputs(args, calib=True)
     model, tok, meta, label = load_model(args.model, args.dtype)
+    _point_at_blocks(model, args.blocks)
     if meta is not None and meta.get("pattern"):
         raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); prune the dense model")
     evaluate = _Evaluator(args, tok, ppl_default=True)
@@ -671,8 +708,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     run_meta = {
         "model": args.model, "method": full_method, "sparsity": args.sparsity, "calibration": calib_desc,
         "command": _command(args),
-        "evaluation": {"ppl_source": evaluate.ppl_source, "ppl_seqlen": args.ppl_seqlen, "max_windows": args.max_windows,
-                       "tasks": evaluate.tasks, "limit": args.limit},
+        "evaluation": evaluate.settings(),
         "dense": _strip(dense), "pruned": _strip(pruned),
     }
     if args.out is not None:
@@ -733,7 +769,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from sdsx.report import write_report
 
         out = Path(args.report).expanduser()
-        write_report(out, rows, [], meta={"model": args.model, "command": _command(args), "evaluation": _strip(ev), "saved_meta": meta},
+        meta = {"model": args.model, "command": _command(args), "evaluation": _strip(ev), "protocol": evaluate.protocol,
+                "saved_meta": meta}
+        write_report(out, rows, [], meta=meta,
                      title=f"sdsx eval {label}", zeroshot=ev.get("zeroshot"))
         print(f"report: {out}")
     return 0
@@ -747,6 +785,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_inputs(args, calib=True)
     model, tok, meta, label = load_model(args.model, args.dtype)
+    _point_at_blocks(model, args.blocks)
     if meta is not None and meta.get("pattern"):
         raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); compare needs the dense model")
     evaluate = _Evaluator(args, tok, ppl_default=True)
@@ -779,8 +818,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     write_report(report_dir, rows, reports, title=f"sdsx compare {label}",
                  meta={"model": args.model, "command": _command(args), "calibration": calib_desc, "methods": args.methods, "sparsity": args.sparsity,
-                       "evaluation": {"ppl_source": evaluate.ppl_source, "ppl_seqlen": args.ppl_seqlen,
-                                      "max_windows": args.max_windows, "tasks": evaluate.tasks, "limit": args.limit}})
+                       "evaluation": evaluate.settings()})
     _print_table(rows)
     print(f"report: {report_dir}")
     return 0

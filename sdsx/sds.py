@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, split_validation, validate
-from sdsx.model.blocks import find_blocks, get_weight, model_linears
+from sdsx.model.blocks import find_blocks, get_weight, model_linears, use_blocks
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error
 from sdsx.pruners.sds import (
     PRUNERS,
@@ -181,6 +181,7 @@ def sds_prune(
     checkpoint_dir: str | os.PathLike | None = None,
     save_activations: bool | None = None,
     validation: int | float | str | None = "auto",
+    blocks: str | None = None,
     **overrides: Any,
 ) -> SDSReport:
     """Prune ``model`` in place with Sparse-Dense-Sparse.
@@ -212,10 +213,13 @@ def sds_prune(
             weights or phase 1's are kept, and when the adjustment stops (``early_stop``). The
             report's ``blocks`` give the validation hidden-state deviation from the dense model
             after every block for both weight sets (the error over depth).
+        blocks: where the decoder blocks are, for a layout sdsx does not know (see :func:`sdsx.prune`).
     Returns:
         An :class:`SDSReport` (None on ranks 1..N-1 of a distributed "parallel" run).
     """
     start = time.perf_counter()
+    if blocks is not None:
+        use_blocks(model, blocks)
     if schedule == "parallel":
         from sdsx.parallel import dist_info, worker
 

@@ -17,6 +17,7 @@ import torch
 from conftest import make_tiny
 from sdsx.cli import main
 from sdsx.io import CHECKPOINT_MARKER, META_NAME
+from sdsx.data.bos import protocol
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, set_weight
 from sdsx.eval.zeroshot import default_data_dir
 from test_zeroshot import CHOICE_ITEMS, GREEDY_ITEMS, PARTIAL_ITEMS, TEXT, tiny_tokenizer, write_jsonl
@@ -91,7 +92,9 @@ def test_prune_saves_reloads_and_reports(files, tmp_path, capsys):
     assert math.isfinite(dense_ppl) and math.isfinite(pruned_ppl) and dense_ppl != pruned_ppl
     meta = json.loads((out / META_NAME).read_text())
     assert meta["method"] == "sparsegpt" and meta["pattern"] == "2:4" and meta["masks"] == "masks.safetensors"
-    assert meta["calibration"] == {"source": str(files / "calib.txt"), "nsamples": 4, "seqlen": 32, "seed": 0, "tokens": 128}
+    stream = protocol("auto", None)  # the tiny tokenizer adds no BOS: windows cut from one stream
+    assert meta["calibration"] == {"source": str(files / "calib.txt"), "nsamples": 4, "seqlen": 32, "seed": 0, "tokens": 128, **stream}
+    assert {k: meta["meta"]["evaluation"][k] for k in stream} == stream
     assert meta["meta"]["command"].startswith("sdsx prune ")
     assert (out / "report" / "report.md").is_file() and (out / "report" / "layer_errors.png").is_file()
     # plain transformers gives the printed perplexity to the printed digits
@@ -292,6 +295,8 @@ def test_overwrite(files, tmp_path, capsys):
         (["prune", "MODEL", "--calib", "CALIB", "--distributed", "--schedule", "phased"], 1, r"not --schedule phased"),
         (["prune", "MODEL", "--calib", "CALIB", "--distributed", "--out", "OUT"], 1, r"environment that torchrun sets"),
         (["compare", "MODEL", "--calib", "CALIB", "--distributed"], 1, r"--distributed is for `sdsx prune"),
+        (["prune", "MODEL", "--calib", "CALIB", "--blocks", "model.nope", "--ppl", "none"], 1,
+         r'blocks="model.nope" finds nothing in LlamaForCausalLM.*model.layers'),
     ],
 )
 def test_bad_input_is_one_line(files, capsys, monkeypatch, argv, code, pattern):

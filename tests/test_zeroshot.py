@@ -18,9 +18,11 @@ TEXT = (
 )
 
 
-def tiny_tokenizer():
-    """A byte-level BPE (vocab ~300) trained on TEXT in milliseconds; BOS = EOS = <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(adds_bos: bool = False):
+    """A byte-level BPE (vocab ~300) trained on TEXT in milliseconds; BOS = EOS = <|endoftext|>,
+    which it does not add (GPT-2-like). ``adds_bos``: BOS is <s> instead, and the tokenizer starts
+    every text with it (LLaMA/Gemma-like)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -28,10 +30,14 @@ def tiny_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"], show_progress=False,
+        special_tokens=["<|endoftext|>"] + (["<s>"] if adds_bos else []), show_progress=False,
     )
     tok.train_from_iterator([TEXT * 10], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    if not adds_bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +119,7 @@ def test_encode_pair_bos_rules(tok):
     ctx, cont = zs.encode_pair(tok, "", "The cat")
     assert ctx == [bos] and cont == tok("The cat", add_special_tokens=False)["input_ids"]
     ctx, _ = zs.encode_pair(tok, "The cat", " sat")
-    assert bos not in ctx  # no BOS by default (lm-eval's add_bos_token=False)
+    assert bos not in ctx  # add_bos=False: no BOS (zero_shot decides it per tokenizer: context_bos)
     ctx, _ = zs.encode_pair(tok, "The cat", " sat", add_bos=True)
     assert ctx[0] == bos and ctx[1:] == tok("The cat", add_special_tokens=False)["input_ids"]
 

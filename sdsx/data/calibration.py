@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from sdsx.data.bos import bos_id, with_bos
 from sdsx.data.text import HUB_DATASETS, hub_rows, join_rows, read_local
 
 log = logging.getLogger("sdsx")
@@ -17,12 +18,16 @@ log = logging.getLogger("sdsx")
 __all__ = ["calibration", "encode"]
 
 
-def encode(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token ids (1-D LongTensor) of ``text``: a Hugging Face tokenizer, or any callable str -> ids."""
+def encode(tokenizer: Any, text: str, special_tokens: bool = True) -> torch.Tensor:
+    """Token ids (1-D LongTensor) of ``text``: a Hugging Face tokenizer, or any callable str -> ids.
+
+    ``special_tokens=False`` leaves out what the tokenizer adds by default (a leading BOS), for
+    windows that get their own BOS; a plain callable is called as it is.
+    """
     if hasattr(tokenizer, "__call__") and hasattr(tokenizer, "convert_tokens_to_ids"):
         # verbose=False: the whole corpus is longer than model_max_length on purpose; the
         # "sequence too long" warning does not apply because we cut windows ourselves.
-        ids = tokenizer(text, verbose=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]
     elif callable(tokenizer):
         ids = tokenizer(text)
         if isinstance(ids, dict):
@@ -32,20 +37,21 @@ def encode(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
-def _windows(ids: torch.Tensor, nsamples: int, seqlen: int, generator: torch.Generator, what: str) -> torch.Tensor:
+def _windows(ids: torch.Tensor, nsamples: int, width: int, generator: torch.Generator, what: str) -> torch.Tensor:
+    """``nsamples`` random windows of ``width`` text tokens (seqlen, or seqlen - 1 before a BOS)."""
     total = ids.numel()
-    if total < seqlen:
+    if total < width:
         raise ValueError(
-            f"not enough calibration text: {what} has {total} tokens, but one window of seqlen={seqlen} "
-            f"needs at least {seqlen} tokens; give more text or ask for a shorter seqlen"
+            f"not enough calibration text: {what} has {total} tokens, but one window needs at least {width} text "
+            "tokens; give more text or ask for a shorter seqlen"
         )
-    if total < nsamples * seqlen:
-        log.info("calibration: %d windows of %d tokens from %d tokens overlap", nsamples, seqlen, total)
-    starts = torch.randint(0, total - seqlen + 1, (nsamples,), generator=generator)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    if total < nsamples * width:
+        log.info("calibration: %d windows of %d tokens from %d tokens overlap", nsamples, width, total)
+    starts = torch.randint(0, total - width + 1, (nsamples,), generator=generator)
+    return torch.stack([ids[s : s + width] for s in starts.tolist()])
 
 
-def _c4_windows(tokenizer: Any, nsamples: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+def _c4_windows(tokenizer: Any, nsamples: int, width: int, generator: torch.Generator, special_tokens: bool) -> torch.Tensor:
     # The SparseGPT protocol for C4: a random document long enough, then a random window in it
     # (C4 is too large to tokenize as one text).
     rows = hub_rows("c4", "train")
@@ -54,12 +60,12 @@ def _c4_windows(tokenizer: Any, nsamples: int, seqlen: int, generator: torch.Gen
         if len(out) == nsamples:
             break
         doc = rows[int(torch.randint(0, len(rows), (1,), generator=generator))]
-        ids = encode(tokenizer, doc)
-        if ids.numel() > seqlen:
-            s = int(torch.randint(0, ids.numel() - seqlen + 1, (1,), generator=generator))
-            out.append(ids[s : s + seqlen])
+        ids = encode(tokenizer, doc, special_tokens)
+        if ids.numel() > width:
+            s = int(torch.randint(0, ids.numel() - width + 1, (1,), generator=generator))
+            out.append(ids[s : s + width])
     if len(out) < nsamples:
-        raise ValueError(f"C4: found only {len(out)} documents longer than seqlen={seqlen} tokens")
+        raise ValueError(f"C4: found only {len(out)} documents longer than {width} tokens")
     return torch.stack(out)
 
 
@@ -69,6 +75,7 @@ def calibration(
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
+    bos: str = "auto",
 ) -> torch.Tensor:
     """Sample ``nsamples`` windows of ``seqlen`` tokens from a text source, reproducibly.
 
@@ -80,6 +87,10 @@ def calibration(
         nsamples: number of sequences.
         seqlen: tokens per sequence.
         seed: seeds a private torch.Generator: the same seed gives the same windows.
+        bos: how windows start (:mod:`sdsx.data.bos`): "auto" (default) starts each with the BOS
+            token when the tokenizer starts texts with it (a window is then BOS + seqlen - 1 text
+            tokens, the text tokenized without special tokens); "always" does so for any tokenizer;
+            "never" cuts windows from one token stream (the published SparseGPT/Wanda protocol).
     Returns:
         LongTensor (nsamples, seqlen).
     Raises:
@@ -89,6 +100,10 @@ def calibration(
         raise ValueError(f"nsamples must be a positive int, got {nsamples!r}")
     if not isinstance(seqlen, int) or seqlen < 1:
         raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
+    token = bos_id(tokenizer, bos)
+    if token is not None and seqlen < 2:
+        raise ValueError(f"a window that starts with BOS needs seqlen >= 2, got {seqlen}; or pass bos='never'")
+    width = seqlen - (token is not None)
     generator = torch.Generator().manual_seed(int(seed))
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -98,7 +113,7 @@ def calibration(
         elif str(source).lower() in HUB_DATASETS:
             name = str(source).lower()
             if name == "c4":
-                return _c4_windows(tokenizer, nsamples, seqlen, generator)
+                return with_bos(_c4_windows(tokenizer, nsamples, width, generator, token is None), token)
             rows = hub_rows(name, HUB_DATASETS[name][2])
             text = join_rows(rows, " " if name == "ptb" else "\n\n")
             what = f"{name} (train)"
@@ -115,5 +130,5 @@ def calibration(
         what = "the given text"
     if not text.strip():
         raise ValueError(f"not enough calibration text: {what} is empty (0 tokens; need at least {seqlen})")
-    ids = encode(tokenizer, text)
-    return _windows(ids, nsamples, seqlen, generator, what)
+    ids = encode(tokenizer, text, special_tokens=token is None)
+    return with_bos(_windows(ids, nsamples, width, generator, what), token)

@@ -5,8 +5,8 @@ config per requested task that reads the local jsonl file (``dataset_path: json`
 ``TaskManager(include_path=..., include_defaults=False)`` (indexing lm-eval's ~15k built-in tasks
 takes seconds and is not needed), and runs ``simple_evaluate`` on the in-memory model offline. Seeds
 are passed as None so that lm-eval does not re-seed the global generators, and BOS handling is
-pinned to :mod:`sdsx.eval.zeroshot`'s (no BOS unless ``add_bos``). The result has the same shape as
-:func:`sdsx.eval.zeroshot.zero_shot`'s, so the two can be compared item by item.
+pinned to :mod:`sdsx.eval.zeroshot`'s (``add_bos_token`` is what ``bos`` decides there). The result
+has the same shape as :func:`sdsx.eval.zeroshot.zero_shot`'s, so the two can be compared item by item.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from sdsx.eval.zeroshot import DELIMITER, load_task, resolve_tasks
+from sdsx.data.bos import expects_bos
+from sdsx.eval.zeroshot import DELIMITER, context_bos, load_task, resolve_tasks
 
 __all__ = ["lm_eval_zero_shot", "task_config"]
 
@@ -84,18 +85,27 @@ def lm_eval_zero_shot(
     limit: int | None = None,
     batch_size: int = 8,
     *,
-    add_bos: bool = False,
+    bos: str = "auto",
     log_samples: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run lm-evaluation-harness 0.4 on the same task files as :func:`sdsx.eval.zeroshot.zero_shot`.
 
-    Args: as :func:`~sdsx.eval.zeroshot.zero_shot` (the task files must be local).
+    Args: as :func:`~sdsx.eval.zeroshot.zero_shot` (the task files must be local). lm-eval adds BOS
+    through the tokenizer's special tokens, so ``bos="always"`` works only with a tokenizer that
+    starts texts with BOS anyway.
     Returns:
         {task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], ["perplexity"], "n", "kind",
         "source", ["samples"]}}; samples hold each item's log-likelihoods as lm-eval computed them.
     Raises:
         ImportError: lm-eval is not installed (``pip install 'sdsx[lmeval]'``).
+        ValueError: ``bos="always"`` with a tokenizer that does not add BOS itself.
     """
+    add_bos = context_bos(tokenizer, bos)
+    if add_bos and not expects_bos(tokenizer):
+        raise ValueError(
+            "lm-eval prepends BOS only through the tokenizer's special tokens, and this tokenizer adds none: "
+            "bos='always' needs the built-in evaluator (--harness sdsx)"
+        )
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM

@@ -1,5 +1,6 @@
-"""Perplexity with the SparseGPT/Wanda protocol: tokenize the joined text once, cut it into
-non-overlapping windows, PPL = exp(mean next-token NLL over every predicted token)."""
+"""Perplexity: tokenize the joined text once, cut it into non-overlapping windows (each starting
+with BOS where the model expects one, else plain slices of one token stream: the SparseGPT/Wanda
+protocol), PPL = exp(mean next-token NLL over every predicted token)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdsx.data.bos import bos_id, with_bos
 from sdsx.data.calibration import encode
 from sdsx.model.blocks import max_positions, vocab_size
 
@@ -39,33 +41,47 @@ def perplexity(
     max_windows: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    bos: str = "auto",
 ) -> float:
-    """Perplexity of ``model`` on a text (SparseGPT/Wanda protocol, DESIGN.md section 4).
+    """Perplexity of ``model`` on a text (DESIGN.md section 4).
 
-    The text is tokenized once (with the tokenizer's default special tokens) and split into
-    ``len // seqlen`` non-overlapping windows (the tail shorter than a window is dropped); each
-    window is scored on its own, predicting tokens 1..L-1 from their prefix.
+    The text is tokenized once and split into non-overlapping windows of ``seqlen`` tokens (the
+    tail shorter than a window is dropped); each window is scored on its own, predicting tokens
+    1..L-1 from their prefix, so every window scores L-1 tokens. How a window starts is ``bos``
+    (:mod:`sdsx.data.bos`):
+
+    * a BOS token (``"auto"`` when the tokenizer starts texts with one, or ``"always"``): the text is
+      tokenized without special tokens and cut into slices of L-1 tokens, each after its own BOS;
+      BOS is context only, never a target, and every text token is scored once;
+    * one token stream (``"never"``, or ``"auto"`` for a tokenizer without BOS, or token ids without a
+      tokenizer): the text is tokenized with the tokenizer's defaults and cut into slices of L
+      tokens, the published SparseGPT/Wanda protocol.
 
     Args:
         model: a causal LM returning logits.
-        text_or_ids: the evaluation text (see :func:`sdsx.data.load_text`) or its token ids (1-D or (1, n)).
-        tokenizer: needed when a text is given.
+        text_or_ids: the evaluation text (see :func:`sdsx.data.load_text`) or its token ids (1-D or
+            (1, n)); a leading BOS in given ids is dropped when windows get their own.
+        tokenizer: needed when a text is given; with token ids, it decides ``bos="auto"``.
         seqlen: window length; capped at the model's maximum positions.
         batch_size: windows per forward call.
         max_windows: evaluate only the first this many windows (quick checks).
         device: where to run; default the model's device (the model is moved there and back).
         progress: show a tqdm bar.
+        bos: "auto" (default), "always" or "never", as above.
     Returns:
         exp(mean NLL over all predicted tokens).
     """
     from tqdm.auto import tqdm
 
+    token = bos_id(tokenizer, bos, model)
     if isinstance(text_or_ids, str):
         if tokenizer is None:
             raise ValueError("perplexity of a text needs the model's tokenizer (tokenizer=...)")
-        ids = encode(tokenizer, text_or_ids)
+        ids = encode(tokenizer, text_or_ids, special_tokens=token is None)
     elif isinstance(text_or_ids, torch.Tensor):
         ids = text_or_ids.reshape(-1).long()
+        if token is not None and ids.numel() and int(ids[0]) == token:
+            ids = ids[1:]  # the stream's own BOS from a default encoding: each window gets one
     else:
         raise TypeError(f"text_or_ids must be a str or a LongTensor of token ids, got {type(text_or_ids).__name__}")
     if batch_size < 1:
@@ -81,12 +97,13 @@ def perplexity(
             f"token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has {vocab} "
             "entries: the tokenizer does not match the model"
         )
-    count = ids.numel() // seqlen
+    width = seqlen - (token is not None)
+    count = ids.numel() // width
     if max_windows is not None:
         count = min(count, int(max_windows))
     if count < 1:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
-    windows = ids[: count * seqlen].view(count, seqlen)
+    windows = with_bos(ids[: count * width].view(count, width), token)
 
     home = next(model.parameters()).device
     run_on = torch.device(device) if device is not None else home

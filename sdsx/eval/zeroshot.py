@@ -8,9 +8,12 @@ default settings, so the numbers are comparable with it):
   moved to the start of the continuation. Context and context + continuation are tokenized
   separately, without special tokens; the continuation's tokens are the tail of the joint
   tokenization after the context's tokens (so a space goes with the word after it).
-* No BOS token is prepended (lm-eval's default ``add_bos_token=False``), except that an empty
-  context becomes the single prefix token (BOS, or EOS when the tokenizer has no BOS).
-  ``add_bos=True`` prepends BOS to every context instead.
+* The prefix token follows lm-eval 0.4.13's default (``add_bos_token=None``: the tokenizer's own
+  special tokens): with ``bos="auto"`` every context starts with BOS when the tokenizer starts texts
+  with it (:func:`sdsx.data.bos.expects_bos`: Gemma, LLaMA-2, OPT), and with nothing otherwise
+  (GPT-2, SmolLM2, Qwen); an empty context becomes the single prefix token (BOS, or EOS when the
+  tokenizer has no BOS). ``bos="always"`` prepends that prefix token to every context,
+  ``bos="never"`` to none but the empty ones (older lm-eval's default ``add_bos_token=False``).
 * Sequences longer than the model's maximum positions + 1 are cut on the left.
 * The log-likelihood of a continuation is the sum of its tokens' log-probabilities given
   everything before them; it is greedy when every token is the argmax.
@@ -48,6 +51,7 @@ log = logging.getLogger("sdsx")
 __all__ = [
     "KNOWN_TASKS",
     "TASK_KINDS",
+    "context_bos",
     "default_data_dir",
     "encode_pair",
     "load_task",
@@ -290,7 +294,16 @@ def _prefix_id(tokenizer: Any) -> int:
         value = getattr(tokenizer, attr, None)
         if value is not None:
             return int(value)
-    raise ValueError("an empty context (or add_bos=True) needs a tokenizer with a BOS or EOS token")
+    raise ValueError("an empty context (or bos='always') needs a tokenizer with a BOS or EOS token")
+
+
+def context_bos(tokenizer: Any, bos: str = "auto") -> bool:
+    """Whether every context starts with the prefix token under ``bos`` ("auto", "always", "never")."""
+    from sdsx.data.bos import BOS_MODES, expects_bos
+
+    if bos not in BOS_MODES:
+        raise ValueError(f"bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
+    return bos == "always" or (bos == "auto" and expects_bos(tokenizer))
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, add_bos: bool = False) -> tuple[list[int], list[int]]:
@@ -471,7 +484,7 @@ def zero_shot(
     batch_size: int = 8,
     progress: bool = True,
     *,
-    add_bos: bool = False,
+    bos: str = "auto",
     log_samples: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy of a causal LM on multiple-choice tasks (see the module docstring).
@@ -488,7 +501,8 @@ def zero_shot(
         limit: evaluate only the first ``limit`` items of each task.
         batch_size: sequences per forward call.
         progress: show a tqdm bar per task.
-        add_bos: prepend the BOS token to every context (default off, as lm-eval).
+        bos: the prefix token of every context: "auto" (default; BOS when the tokenizer starts texts
+            with it, as lm-eval), "always" or "never" (see the module docstring).
         log_samples: also return each item's log-likelihoods and predictions under "samples".
     Returns:
         {task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], ["perplexity",
@@ -501,6 +515,7 @@ def zero_shot(
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    add_bos = context_bos(tokenizer, bos)
     names = resolve_tasks(tasks)
     loaded = [load_task(t, data_dir, limit) for t in names]  # all files checked before any scoring
     results: dict[str, dict[str, Any]] = {}

@@ -20,7 +20,7 @@ from torch import nn
 
 from sdsx.checkpoint import _fault
 from sdsx.numerics import all_finite
-from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, set_weight
+from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
 from sdsx.pruners.base import PruneResult
 from sdsx.pruners.blockfit import BlockFitOptions, BlockFitRecord, fit_block, relative_error
 from sdsx.stats import GramAccumulator
@@ -97,6 +97,11 @@ class DriverResult:
 
 class _Captured(Exception):
     """Raised by the block-0 hook to stop the model once the block's inputs are known."""
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for a block's forward while capture() looks for the arguments of later blocks."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 class _Memory:
@@ -263,15 +268,9 @@ class BlockDriver:
         self.batch_size = batch_size
         self.progress = progress
         self.desc = desc
-        kinds = {getattr(b, "attention_type", None) for b in self.blocks} - {None}
-        if len(kinds) > 1:
-            # e.g. sliding-window and full-attention layers get different masks from the model;
-            # the driver replays block 0's arguments to every block.
-            log.warning(
-                "%s mixes attention types %s across blocks; sdsx reuses block 0's attention mask for all "
-                "blocks, so statistics of the other type are approximate",
-                type(model).__name__, sorted(kinds),
-            )
+        # sliding-window and full-attention blocks get their own mask (and rotary table) from the
+        # model: capture() records the arguments of each kind, _call() hands a block its kind's
+        self.kinds = {id(b): kind for b, kind in zip(self.blocks, layer_kinds(model, self.blocks))}
         self.accumulator = accumulator or (lambda columns, device, diag: GramAccumulator(columns, device=device, diag_only=diag))
         self.share_inputs = share_inputs
         if dense_stream and stats != "full":
@@ -316,29 +315,45 @@ class BlockDriver:
                 module._buffers[name] = module._buffers[name].to(device)
 
     def capture(self, batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], dict[tuple, tuple]]:
-        """Run the model up to block 0 for every batch.
+        """Run the model up to block 0 for every batch (for a model that mixes attention kinds, up to
+        the first block of every kind, the blocks before it passing their input through unchanged).
 
         Returns:
             (hidden-state inputs of block 0, one (b, L, hidden) tensor per batch on the store
-            device; {input shape: (extra positional args, keyword args)} the model passes to its
-            blocks, with KV caches removed).
+            device; {input shape: (extra positional args, keyword args)} the model passes to block
+            0, and {(kind, input shape): ...} to the blocks of each kind, with KV caches removed).
         """
         inputs: list[torch.Tensor] = []
         arguments: dict[tuple, tuple] = {}
+        firsts: dict[int, str] = {}  # block index -> its kind, for the first block of every kind
+        for index, block in enumerate(self.blocks):
+            kind = self.kinds[id(block)]
+            if kind is not None and kind not in firsts.values():
+                firsts[index] = kind
+        last = max(firsts, default=0)
+        shape: list[tuple] = []  # block 0's input shape in this batch
 
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            kwargs = dict(kwargs)
-            if args:
-                hidden, rest = args[0], args[1:]
-            else:
-                hidden, rest = kwargs.pop("hidden_states"), ()
-            inputs.append(hidden.detach().to(self.store_device, copy=hidden.device == self.store_device))
-            key = tuple(hidden.shape)
-            if key not in arguments:
-                arguments[key] = (_clean(rest), _clean(kwargs))
-            raise _Captured
+        def make_pre_hook(index: int) -> Callable:
+            def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                kwargs = dict(kwargs)
+                if args:
+                    hidden, rest = args[0], args[1:]
+                else:
+                    hidden, rest = kwargs.pop("hidden_states"), ()
+                if index == 0:
+                    inputs.append(hidden.detach().to(self.store_device, copy=hidden.device == self.store_device))
+                    shape[:] = [tuple(hidden.shape)]
+                    arguments.setdefault(shape[0], (_clean(rest), _clean(kwargs)))
+                if index in firsts:
+                    arguments.setdefault((firsts[index], shape[0]), (_clean(rest), _clean(kwargs)))
+                if index == last:
+                    raise _Captured
 
-        handle = self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+            return pre_hook
+
+        handles = [self.blocks[i].register_forward_pre_hook(make_pre_hook(i), with_kwargs=True) for i in sorted({0, *firsts})]
+        for block in self.blocks[:last]:
+            block.forward = _pass_through  # an instance attribute: nn.Module.__call__ runs it instead
         moved = self._move_outside_blocks(self.device)
         try:
             for ids in batches:
@@ -351,13 +366,22 @@ class BlockDriver:
                     f"({self.path}.0); sdsx cannot capture the block inputs of this model"
                 )
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+            for block in self.blocks[:last]:
+                del block.forward
             self._restore(moved)
         return inputs, arguments
 
     # ------------------------------------------------------------------ one block
+    def _arguments(self, block: nn.Module, x: torch.Tensor, arguments: dict[tuple, tuple]) -> tuple:
+        """The (positional, keyword) arguments the model passes ``block`` with input ``x``: those of
+        the block's attention kind, else block 0's."""
+        key = tuple(x.shape)
+        return arguments.get((self.kinds.get(id(block)), key)) or arguments[key]
+
     def _call(self, block: nn.Module, x: torch.Tensor, arguments: dict[tuple, tuple]) -> torch.Tensor:
-        args, kwargs = arguments[tuple(x.shape)]
+        args, kwargs = self._arguments(block, x, arguments)
         out = block(x, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -870,7 +894,7 @@ class BlockDriver:
 
         def forward(ws: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             x = x.to(self.device)
-            args, kwargs = arguments[tuple(x.shape)]
+            args, kwargs = self._arguments(block, x, arguments)
             out = torch.func.functional_call(block, ws, (x, *args), kwargs)
             return out[0] if isinstance(out, (tuple, list)) else out
 
