@@ -1,11 +1,14 @@
 """Kernel benchmark: every sdsx op against its pure-PyTorch reference, side by side in one process.
 
     python bench/kernels.py [--threads 1] [--shapes smollm2,opt125m,llama7b] [--json PATH] [--md PATH]
+    python bench/kernels.py --device cuda [--compile] --json PATH      # on a GPU: the CUDA kernels
 
 Per op and weight shape (out x in) it reports the reference's and our median time, the speedup,
 whether the masks are identical, and for the OBS sweep its GFLOP/s next to a plain GEMM of the
 same size (W @ U, measured in the same run), which is the speed limit of the lazy block update;
-and the statistics' upper-triangle Gram update against the row-blocked GEMMs of its reference.
+and the statistics' upper-triangle Gram update against the row-blocked GEMMs of its reference (CPU
+only: on a GPU the reference's GEMMs are what runs). With --compile the elementwise and mask ops are
+also timed as torch.compile of their reference (the sweep's column loop is not worth compiling).
 """
 
 from __future__ import annotations
@@ -32,14 +35,24 @@ SHAPES = {
 }
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timeit(fn, repeats: int, warmup: int = 1) -> tuple[float, object]:
     out = None
     for _ in range(warmup):
         out = fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3, out
 
@@ -50,10 +63,10 @@ def problem(rows: int, cols: int, seed: int = 0):
     X = torch.randn(max(2 * cols, 1024), cols, generator=g) * torch.rand(cols, generator=g).add(0.1)
     H = X.t() @ X / X.shape[0]
     U, _, _ = inverse_hessian_factor(H, 0.01)
-    return W, U
+    return W.to(DEVICE), U.to(DEVICE)
 
 
-def bench_shape(rows: int, cols: int, repeats: int, ref_repeats: int) -> list[dict]:
+def bench_shape(rows: int, cols: int, repeats: int, ref_repeats: int, compiled: bool = False) -> list[dict]:
     W, U = problem(rows, cols)
     out = []
     sweep_flops = rows * cols * cols  # r*c^2/2 multiply-adds of the compensation updates
@@ -66,6 +79,7 @@ def bench_shape(rows: int, cols: int, repeats: int, ref_repeats: int) -> list[di
             dict(
                 op=label, shape=f"{rows}x{cols}", ref_ms=ref_ms, ext_ms=ext_ms, speedup=ref_ms / ext_ms,
                 identical_masks=bool(torch.equal(r[1], e[1])),
+                mask_agreement=float((r[1] == e[1]).float().mean()),
                 max_weight_diff=float((r[0] - e[0]).abs().max()),
                 sweep_gflops=sweep_flops / ext_ms / 1e6, ref_sweep_gflops=sweep_flops / ref_ms / 1e6,
                 gemm_ms=gemm_ms, gemm_gflops=gemm_gflops,
@@ -91,7 +105,14 @@ def bench_shape(rows: int, cols: int, repeats: int, ref_repeats: int) -> list[di
         ref_ms, r = timeit(fr, repeats)
         ext_ms, e = timeit(fe, repeats)
         same = bool(torch.equal(r, e)) if r.dtype == torch.bool else bool(torch.allclose(r, e, atol=1e-6))
-        out.append(dict(op=label, shape=f"{rows}x{cols}", ref_ms=ref_ms, ext_ms=ext_ms, speedup=ref_ms / ext_ms, identical_masks=same))
+        row = dict(op=label, shape=f"{rows}x{cols}", ref_ms=ref_ms, ext_ms=ext_ms, speedup=ref_ms / ext_ms, identical_masks=same)
+        if compiled:
+            fc = torch.compile(fr)
+            t0 = time.perf_counter()
+            fc()
+            row["compile_s"] = time.perf_counter() - t0
+            row["ref_compiled_ms"], _ = timeit(fc, repeats)
+        out.append(row)
     return out
 
 
@@ -131,15 +152,17 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         "triangle within 1e-4 relative (gram_upper_). GFLOP/s: the OBS sweep's r*c^2 flops, or the "
         "upper triangle's useful flops for gram_upper_; GEMM: a full GEMM of the same size, same run.",
         "",
-        "| op | shape (out x in) | reference ms | sdsx ms | speedup | identical | sweep GFLOP/s | GEMM GFLOP/s |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| op | shape (out x in) | reference ms | compiled reference ms | sdsx ms | speedup | identical | sweep GFLOP/s | GEMM GFLOP/s |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         gf = f"{r['sweep_gflops']:.1f}" if "sweep_gflops" in r else ""
         gg = f"{r['gemm_gflops']:.1f}" if "gemm_gflops" in r else ""
+        rc = f"{r['ref_compiled_ms']:.2f}" if "ref_compiled_ms" in r else ""
+        same = "yes" if r["identical_masks"] else f"NO ({r['mask_agreement']:.4f})" if "mask_agreement" in r else "NO"
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['ref_ms']:.2f} | {r['ext_ms']:.2f} | {r['speedup']:.2f}x | "
-            f"{'yes' if r['identical_masks'] else 'NO'} | {gf} | {gg} |"
+            f"| {r['op']} | {r['shape']} | {r['ref_ms']:.2f} | {rc} | {r['ext_ms']:.2f} | {r['speedup']:.2f}x | "
+            f"{same} | {gf} | {gg} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -149,28 +172,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shapes", default="smollm2,opt125m,llama7b", help=f"comma list of {sorted(SHAPES)}")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the tensors live (cuda: the CUDA kernels)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the mask and prox_step references")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--md", type=Path, default=None, help="write the markdown table here")
     args = p.parse_args(argv)
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     info = sdsx.backend_info()
     if not info["extension_loaded"]:
         print(f"error: the sdsx extension is not loaded ({info['extension_error']}); nothing to compare", file=sys.stderr)
         return 2
-    meta = dict(threads=args.threads, torch=torch.__version__, machine=platform.machine(), backend=info)
+    if DEVICE.type == "cuda" and (not torch.cuda.is_available() or info["missing_cuda_kernels"]):
+        print(f"error: --device cuda needs a GPU and the CUDA kernels (missing: {info['missing_cuda_kernels']})", file=sys.stderr)
+        return 2
+    machine = torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.machine()
+    meta = dict(threads=args.threads, device=args.device, torch=torch.__version__, machine=machine, backend=info)
     results = []
     for group in args.shapes.split(","):
         if group not in SHAPES:
             p.error(f"unknown shape set {group!r}; choose from {sorted(SHAPES)}")
         for rows, cols in SHAPES[group]:
             big = rows * cols > 4_000_000
-            res = bench_shape(rows, cols, repeats=1 if big else args.repeats, ref_repeats=1 if big else max(1, args.repeats // 2))
+            res = bench_shape(rows, cols, repeats=1 if big else args.repeats, ref_repeats=1 if big else max(1, args.repeats // 2),
+                              compiled=args.compile)
             for r in res:
                 r["set"] = group
                 print(f"{r['op']:>22} {r['shape']:>10}: ref {r['ref_ms']:9.2f} ms  sdsx {r['ext_ms']:9.2f} ms  {r['speedup']:6.2f}x", flush=True)
             results.extend(res)
-        for cols in sorted({c for _, c in SHAPES[group]}):
+        for cols in sorted({c for _, c in SHAPES[group]}) if DEVICE.type == "cpu" else ():
             r = bench_gram(cols, repeats=args.repeats)
             r["set"] = group
             print(f"{r['op']:>22} {cols:>10}: ref {r['ref_ms']:9.2f} ms  sdsx {r['ext_ms']:9.2f} ms  {r['speedup']:6.2f}x", flush=True)
@@ -184,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(md)
-    bad = [r for r in results if not r["identical_masks"]]
+    # On a GPU the sweep's lazy GEMM rounds unlike the reference's: a near-tie may flip.
+    bad = [r for r in results if not r["identical_masks"] and not (DEVICE.type == "cuda" and r.get("mask_agreement", 0) >= 0.99)]
     return 1 if bad else 0
 
 

@@ -25,7 +25,8 @@ PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "Compile-time facts: {'cuda': bool, 'openmp': bool}."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sdsx native ops (torch.ops.sdsx)", -1, methods};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sdsx native ops (torch.ops.sdsx)", -1, methods,
+                          nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

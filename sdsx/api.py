@@ -19,6 +19,7 @@ from torch import nn
 from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, use_blocks, vocab_size
 from sdsx.checkpoint import Checkpoint, fingerprint_calibration, fingerprint_model
 from sdsx.model.driver import BlockDriver, BlockState, DriverResult, LayerFn, as_batches
+from sdsx.numerics import exact_fp32
 from sdsx.pruners import FactorCache, PruneResult, SparsitySpec, magnitude, sparsegpt, wanda
 from sdsx.pruners.blockfit import BlockFitOptions, as_block_fit
 
@@ -312,6 +313,7 @@ def _check_options(method: str, blocksize: Any, percdamp: Any, methods: Sequence
         raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
 
 
+@exact_fp32()
 def run_driver(
     model: nn.Module,
     plan: Plan,

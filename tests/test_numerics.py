@@ -166,3 +166,34 @@ def test_out_of_memory_names_the_block_and_the_fix():
         driver.run(tiny_calib(), layer_fn)
     text = str(info.value)
     assert "block 1 (model.layers.1)" in text and "batch_size (now 2)" in text and "MiB" in text
+
+
+def test_entry_points_turn_tf32_off_and_restore_it(monkeypatch):
+    # TF32 (precision "high") would round the Grams and GEMMs to 10 mantissa bits on a GPU; sdsx's
+    # numerics run at "highest" whatever the caller set, and leave the caller's setting as it was.
+    from sdsx import ops
+    from sdsx.numerics import exact_fp32
+
+    seen = []
+    real = ops._native
+
+    def spy(op, t):  # every op wrapper asks this first, native or reference
+        seen.append(torch.get_float32_matmul_precision())
+        return real(op, t)
+
+    monkeypatch.setattr(ops, "_native", spy)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with exact_fp32():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+        ops.obs_sweep(torch.randn(4, 8), torch.eye(8), 0.5, 0, 0, 8)
+        assert seen == ["highest"]
+        seen.clear()
+        # Wanda's masks (nm_mask, not itself wrapped) run inside the block driver's scope
+        sdsx.prune(make_tiny("llama", layers=1), tiny_calib(2, 16), method="wanda", sparsity="2:4", progress=False)
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved)

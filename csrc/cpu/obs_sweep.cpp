@@ -41,10 +41,15 @@ int64_t panel_width(int64_t m) {
 // Sweeps the columns of one block for a tile of kTile rows stored column-major (tile[k * kTile + rr])
 // so that the OBS update of column k is, for every later column t, one broadcast of U[j, t] times a
 // contiguous vector of the tile's errors: it vectorizes across rows and reads U once per tile.
-// Built for AVX2 and for the baseline, picked at load time; no FMA either way (exactness).
-__attribute__((target_clones("avx2", "default"))) void sweep_tile(const Block& blk, float* __restrict tile,
-                                                                   int32_t* __restrict keep, float* __restrict err_out,
-                                                                   float* __restrict loss) {
+// On x86 built for AVX2 and for the baseline, picked at load time; no FMA either way (exactness).
+// target_clones is x86-only in GCC's sense of these names: elsewhere (aarch64 GPU hosts) one build.
+#if defined(__x86_64__) || defined(_M_X64)
+#define SDSX_SWEEP_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SDSX_SWEEP_CLONES
+#endif
+SDSX_SWEEP_CLONES void sweep_tile(const Block& blk, float* __restrict tile, int32_t* __restrict keep,
+                                 float* __restrict err_out, float* __restrict loss) {
   const int64_t cols = blk.cols, cnt = blk.cnt, m = blk.m, i1 = blk.i1, P = blk.panel, ld = blk.err_ld;
   const int32_t n = static_cast<int32_t>(blk.n);
   const float* __restrict u = blk.u;

@@ -17,8 +17,28 @@ namespace sdsx::cuda {
 namespace {
 
 // The CPU kernels reject NaN / Inf with a ValueError; so do these, so that the op's contract does not
-// depend on the device (the price is one reduction and a host sync).
-bool all_finite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
+// depend on the device (the price is one reduction and one host sync per op call).
+at::Tensor finite_flag(const at::Tensor& t) { return at::isfinite(t).all(); }
+bool all_finite(const at::Tensor& t) { return finite_flag(t).item<bool>(); }
+
+// torch's fp32 matmul precision set to "highest" (no TF32) for the scope: the sweep's masks must not
+// depend on a global speed setting. The setting is process-wide, so a matmul on another thread in
+// this window runs without TF32 too; the previous value is restored.
+class FullFp32Matmul {
+ public:
+  FullFp32Matmul() : saved_(at::globalContext().float32MatmulPrecision()) {
+    if (saved_ != at::Float32MatmulPrecision::HIGHEST) at::globalContext().setFloat32MatmulPrecision("highest");
+  }
+  ~FullFp32Matmul() {
+    if (saved_ == at::Float32MatmulPrecision::HIGH) at::globalContext().setFloat32MatmulPrecision("high");
+    if (saved_ == at::Float32MatmulPrecision::MEDIUM) at::globalContext().setFloat32MatmulPrecision("medium");
+  }
+  FullFp32Matmul(const FullFp32Matmul&) = delete;
+  FullFp32Matmul& operator=(const FullFp32Matmul&) = delete;
+
+ private:
+  at::Float32MatmulPrecision saved_;
+};
 
 // Keep-mask (bool, same shape) of the n_keep largest entries of every row of s (rows x len, float,
 // contiguous). A stable descending sort leaves equal scores in index order, so its first n_keep
@@ -76,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_sweep_cuda(const at::Tensor& 
   TORCH_CHECK(blocksize > 0, "obs_sweep: blocksize must be positive");
   const bool nm = m > 0;
   if (nm) {
-    TORCH_CHECK(n >= 0 && n <= m, "obs_sweep: need 0 <= n <= m");
+    TORCH_CHECK(n >= 0 && n <= m && m <= 64, "obs_sweep: need 0 <= n <= m <= 64");
     TORCH_CHECK(cols % m == 0 && blocksize % m == 0, "obs_sweep: m must divide the columns and the block size");
   } else {
     TORCH_CHECK(sparsity >= 0.0 && sparsity < 1.0, "obs_sweep: sparsity must be in [0, 1)");
@@ -86,53 +106,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_sweep_cuda(const at::Tensor& 
 
   at::Tensor Wf = W.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor Uc = U.contiguous();
-  TORCH_CHECK_VALUE(all_finite(Wf), "obs_sweep: W holds non-finite values (NaN or Inf)");
-  TORCH_CHECK_VALUE(all_finite(Uc), "obs_sweep: U holds non-finite values (NaN or Inf)");
+  // One host sync for both inputs; which one is bad is worked out only when one is.
+  if (!finite_flag(Wf).logical_and(finite_flag(Uc)).item<bool>()) {
+    TORCH_CHECK_VALUE(all_finite(Wf), "obs_sweep: W holds non-finite values (NaN or Inf)");
+    TORCH_CHECK_VALUE(false, "obs_sweep: U holds non-finite values (NaN or Inf)");
+  }
   at::Tensor mask = at::ones({rows, cols}, W.options().dtype(at::kBool));
   at::Tensor loss = at::zeros({rows}, W.options().dtype(at::kFloat));
   if (rows == 0 || cols == 0) return {Wf.to(W.scalar_type()), mask, loss};
 
-  // Per-block buffers, transposed (column k of the block = `rows` consecutive values) for the kernel.
   const int64_t B = std::min(blocksize, cols);
   const auto f32 = W.options().dtype(at::kFloat);
-  at::Tensor wt = at::empty({B * rows}, f32);
-  at::Tensor et = at::empty({B * rows}, f32);
-  at::Tensor kt = at::empty({B * rows}, W.options().dtype(at::kBool));
-  // Unstructured at sparsity 0 keeps everything (the CPU never selects); n:m writes kt itself.
-  if (!nm) kt.fill_(true);
+  at::Tensor E = at::empty({rows, B}, f32);  // the block's errors, for the lazy update
+  float* w = Wf.mutable_data_ptr<float>();
+  bool* keep = mask.mutable_data_ptr<bool>();
   const float* u = Uc.const_data_ptr<float>();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, W.device().index()));
+  const FullFp32Matmul full_fp32;
 
   for (int64_t i1 = 0; i1 < cols; i1 += B) {
     const int64_t i2 = std::min(i1 + B, cols), cnt = i2 - i1;
-    at::Tensor wblk = wt.narrow(0, 0, cnt * rows).view({cnt, rows});
-    at::Tensor kblk = kt.narrow(0, 0, cnt * rows).view({cnt, rows});
-    at::Tensor eblk = et.narrow(0, 0, cnt * rows).view({cnt, rows});
-    wblk.copy_(Wf.narrow(1, i1, cnt).t());
-
     if (!nm && sparsity > 0.0) {
       // Adaptive mask of the block: prune the lowest w^2 / d^2 over all rows of the block, ties
-      // broken by the row-major flat index of the block like the CPU.
+      // broken by the row-major flat index of the block like the CPU. (Unstructured at sparsity 0
+      // keeps everything: the CPU never selects.)
       at::Tensor scores = at::empty({rows, cnt}, f32);
-      launch_obs_block_scores(wblk.const_data_ptr<float>(), u, rows, cols, i1, cnt, scores.mutable_data_ptr<float>(),
-                              stream);
+      launch_obs_block_scores(w, u, rows, cols, i1, cnt, scores.mutable_data_ptr<float>(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t len = rows * cnt;
       const int64_t n_keep = len - static_cast<int64_t>(sparsity * static_cast<double>(len));
-      kblk.copy_(keep_top_per_row(scores.view({1, len}), n_keep).view({rows, cnt}).t());
+      mask.narrow(1, i1, cnt).copy_(keep_top_per_row(scores.view({1, len}), n_keep).view({rows, cnt}));
     }
-
-    launch_obs_block(wblk.mutable_data_ptr<float>(), kblk.mutable_data_ptr<bool>(), eblk.mutable_data_ptr<float>(),
-                     loss.mutable_data_ptr<float>(), u, rows, cols, i1, cnt, nm ? n : 0, nm ? m : 0, stream);
+    launch_obs_block(w, keep, E.mutable_data_ptr<float>(), B, loss.mutable_data_ptr<float>(), u, rows, cols, i1, cnt,
+                     nm ? n : 0, nm ? m : 0, sms, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    Wf.narrow(1, i1, cnt).copy_(wblk.t());
-    mask.narrow(1, i1, cnt).copy_(kblk.t());
-
     if (i2 < cols) {
-      // Lazy batch update of everything right of the block: W[:, i2:] -= E @ U[i1:i2, i2:], with E
-      // (rows x cnt) read through a transposed view (cuBLAS takes it as is). This GEMM rounds
-      // differently from the CPU's, and follows torch's fp32 matmul precision (keep TF32 off for
-      // results that match the CPU's).
-      Wf.narrow(1, i2, cols - i2).sub_(at::mm(eblk.t(), Uc.narrow(0, i1, cnt).narrow(1, i2, cols - i2)));
+      // Lazy batch update of everything right of the block: W[:, i2:] -= E @ U[i1:i2, i2:], in full
+      // fp32 (full_fp32 above). This GEMM still rounds differently from the CPU's BLAS.
+      Wf.narrow(1, i2, cols - i2).sub_(at::mm(E.narrow(1, 0, cnt), Uc.narrow(0, i1, cnt).narrow(1, i2, cols - i2)));
     }
   }
   return {Wf.to(W.scalar_type()), mask, loss};

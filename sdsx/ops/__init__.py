@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sdsx import _ext
-from sdsx.numerics import all_finite
+from sdsx.numerics import all_finite, exact_fp32
 from sdsx.ops import reference
 
 __all__ = ["gram_upper_", "nm_mask", "topk_mask", "obs_sweep", "prox_step", "reference"]
@@ -98,6 +98,7 @@ def topk_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> to
     return reference.topk_mask(scores, float(sparsity), bool(per_row))
 
 
+@exact_fp32()
 def obs_sweep(
     W: torch.Tensor,
     U: torch.Tensor,

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sdsx import ops
+from sdsx.numerics import exact_fp32
 from sdsx.pruners.base import PruneResult, reconstruction_error
 from sdsx.pruners.blockfit import BlockFitOptions
 from sdsx.pruners.magnitude import magnitude, select_mask
@@ -390,6 +391,7 @@ class SDSLayerResult:
     phase1: torch.Tensor | None = None  # phase 1's weights (what a block guard may fall back to)
 
 
+@exact_fp32()
 def sds_layer(
     W_d: torch.Tensor,
     H: torch.Tensor,
@@ -423,6 +425,7 @@ def sds_layer(
     return sds_tail(W_d, s1, H, spec, opts, name, keep_weights, sh, C)
 
 
+@exact_fp32()
 def sds_tail(
     W_d: torch.Tensor,
     s1: PruneResult,

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from sdsx import ops
-from sdsx.numerics import all_finite
+from sdsx.numerics import all_finite, exact_fp32
 from sdsx.pruners.base import PruneResult
 from sdsx.pruners.spec import SparsitySpec
 
@@ -120,6 +120,7 @@ def _true_error(rows: torch.Tensor, W: torch.Tensor, new: torch.Tensor, H: torch
     return float(rows.double().sum()) - damp * mean_diag * float(D.double().pow(2).sum())
 
 
+@exact_fp32()
 def sparsegpt(
     weight: torch.Tensor,
     hessian: torch.Tensor,
