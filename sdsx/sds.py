@@ -379,6 +379,7 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
         err = reconstruction_error(Wd, new, H)
         # phase 1's error was measured on other inputs; compare both on this pass's H
         err1 = reconstruction_error(Wd, first[name].weight.to(W.device), H)
+        phase_errors[name]["sparse_same_inputs"] = err1
         if opts.keep_better and err > err1:
             kept.append(name)
             new, mask, err = first[name].weight.to(W.device), first[name].mask.to(W.device), err1
