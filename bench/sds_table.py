@@ -1,0 +1,71 @@
+"""One table from several bench/sds.py result files: every method's perplexities next to its base
+pruner's from the same calibration (the same seed and pattern), with the relative change.
+
+    python bench/sds_table.py bench/results/sds13/*_fit.json bench/results/sds13/probe_fit_s0.json --md bench/results/sds13/table.md
+
+Rows of the same (seed, pattern, method) from several files are all listed (they are repeats);
+the base of a row is the first base row of its seed and pattern, preferring one from its own file.
+Time ratios are given only against a base of the same file (measured side by side in one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+METRICS = (("ppl_val", "validation"), ("ppl_other", "Brown"), ("ppl", "WikiText-2"))
+
+
+def load(paths: list[Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        for row in data["rows"]:
+            rows.append(dict(row, seed=data["meta"].get("seed", 0), file=path.name))
+    return rows
+
+
+def base_of(row: dict, rows: list[dict]) -> dict | None:
+    pruner = row["method"].split("-", 1)[-1]
+    same = [r for r in rows if r["method"] == pruner and r["pattern"] == row["pattern"] and r["seed"] == row["seed"]]
+    own = [r for r in same if r["file"] == row["file"]]
+    return (own or same or [None])[0]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = ["seed", "pattern", "method", "options"] + [name for _, name in METRICS] + ["time vs base", "file"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(METRICS) + 1) + "---|"]
+    order = sorted(rows, key=lambda r: (str(r["pattern"]), r["method"].split("-", 1)[-1], r["seed"], r["method"] != r["method"].split("-", 1)[-1]))
+    for r in order:
+        b = base_of(r, rows)
+        cells = []
+        for key, _ in METRICS:
+            if key not in r:
+                cells.append("")
+            elif b is None or b is r or key not in b:
+                cells.append(f"{r[key]:.2f}")
+            else:
+                cells.append(f"{r[key]:.2f} ({100 * (r[key] / b[key] - 1):+.1f}%)")
+        # time ratios only side by side in one run (one file): the machine's load drifts between runs
+        same_run = b is not None and b is not r and b["file"] == r["file"] and b.get("seconds")
+        ratio = f"{r['seconds'] / b['seconds']:.2f}x" if same_run else ""
+        opts = ",".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
+        lines.append(f"| {r['seed']} | {r['pattern']} | {r['method']} | {opts} | " + " | ".join(cells) + f" | {ratio} | {r['file']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", type=Path)
+    p.add_argument("--md", type=Path, default=None)
+    args = p.parse_args(argv)
+    md = to_markdown(load(args.results))
+    print(md)
+    if args.md:
+        args.md.write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
