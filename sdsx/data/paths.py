@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["data_root"]
+__all__ = ["cache_root", "data_root"]
 
 
 def data_root() -> Path | None:
@@ -18,3 +18,10 @@ def data_root() -> Path | None:
         return Path(env).expanduser()
     here = Path(__file__).resolve().parents[2].parent / "shared" / "data"
     return here if here.is_dir() else None
+
+
+def cache_root() -> Path:
+    """Where sdsx caches what it derives (the converted SmolLM2, self-generated calibration):
+    $SDSX_CACHE when set, else ~/.cache/sdsx."""
+    env = os.environ.get("SDSX_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sdsx"

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from sdsx.data.calibration import calibration
+from sdsx.data.paths import cache_root
 
 log = logging.getLogger("sdsx")
 
@@ -67,8 +68,7 @@ def _self_key(model: torch.nn.Module, nsamples: int, seqlen: int, seed: int, tem
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("SDSX_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "sdsx") / "calib-self"
+    return cache_root() / "calib-self"
 
 
 @torch.no_grad()

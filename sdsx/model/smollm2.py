@@ -43,9 +43,9 @@ def smollm2_gguf_path() -> Path:
 
 def default_cache_dir() -> Path:
     """$SDSX_CACHE/smollm2-135m, else ~/.cache/sdsx/smollm2-135m."""
-    root = os.environ.get("SDSX_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "sdsx"
-    return base / "smollm2-135m"
+    from sdsx.data.paths import cache_root
+
+    return cache_root() / "smollm2-135m"
 
 
 def _is_complete(folder: Path) -> bool:
