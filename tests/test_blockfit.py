@@ -53,6 +53,9 @@ def test_validation_keeps_the_best_iterate_including_the_start():
     assert rec.best_step == 0 and rec.val_after == rec.val_before == 0.0
     assert rec.steps == 4  # stopped after two checks without improvement
     assert len(calls) == 3  # the start and the two checks
+    calls.clear()
+    _, rec = fit_block(forward, {"w": W0}, xs, ys, BlockFitOptions(epochs=10, lr=1e-2, eval_every=2, patience=2), validate, start=0.0)
+    assert len(calls) == 2 and rec.val_before == 0.0 and rec.best_step == 0  # a known start is not scored again
 
 
 def test_bf16_weights_fit_through_fp32_masters():
@@ -125,3 +128,23 @@ def test_sds_with_block_fit_and_schedule_errors():
     assert phased.fits == [] and phased.options["block_fit"] is False  # the default fit is for the interleaved schedule
     with pytest.raises(ValueError, match="block fit target"):
         sdsx.sds_prune(make_tiny("llama"), calib, "2:4", progress=False, block_fit=True, block_target="x")
+
+
+@pytest.mark.parametrize("target", ["local", "dense"])
+def test_first_block_fit_starts_from_the_dense_block_output(target):
+    """Block 0 sees the embeddings in both models, so its local target (the statistics pass's own
+    outputs) and its dense target are both the dense model's first hidden state: the fit's first
+    loss is the pruned block's error against it on the first window it visits."""
+    calib = tiny_calib(8, 32)
+    dense = make_tiny("llama")
+    pruned = make_tiny("llama")
+    sdsx.prune(pruned, calib, "wanda", 0.5, progress=False)  # the weights the fit starts from
+    model = make_tiny("llama")
+    report = sdsx.prune(model, calib, "wanda", 0.5, progress=False, block_fit=dict(target=target, epochs=1, lr=1e-3))
+    first = int(torch.randperm(8, generator=torch.Generator().manual_seed(0))[0])
+    x = calib[first : first + 1]
+    with torch.no_grad():
+        want = relative_error(pruned(x, output_hidden_states=True).hidden_states[1],
+                              dense(x, output_hidden_states=True).hidden_states[1])
+    assert report.fits[0]["loss_first"] == pytest.approx(float(want), rel=1e-4)
+    assert float(want) > 1e-3  # the pruned block does differ from the dense one

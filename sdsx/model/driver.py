@@ -395,6 +395,7 @@ class BlockDriver:
         memory: _Memory,
         dense: list[torch.Tensor] | None = None,
         crosses: dict[int, Any] | None = None,
+        outputs: list[torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """One pass of the calibration batches through ``block`` with hooks on its linears.
 
@@ -402,7 +403,8 @@ class BlockDriver:
         once per distinct input (q/k/v, gate/up). With a ``dense`` stream, each batch first runs
         through the (still dense) block on the dense activations, which records every linear's
         dense input and advances the stream; ``crosses`` (keyed by the accumulator's id) gets the
-        cross Gram of each distinct input.
+        cross Gram of each distinct input. ``outputs``, when given, receives the (dense) block's
+        output on every batch: the block fit's local targets, at no extra forward pass.
         """
         from sdsx.stats import CrossGram
 
@@ -483,7 +485,10 @@ class BlockDriver:
                     result.forward_s += self._now() - t0
                 t0 = self._now()
                 hook_before = hook_time[0]
-                self._call(block, x.to(self.device), arguments)
+                out = self._call(block, x.to(self.device), arguments)
+                if outputs is not None:
+                    outputs.append(out.to(self.store_device))
+                del out
                 seen.clear()
                 updated.clear()
                 wall = self._now() - t0
@@ -773,15 +778,17 @@ class BlockDriver:
                     accs: dict[str, Any] = {}
                     crosses: dict[int, Any] = {}
                     vaccs: dict[str, Any] = {}
+                    # the block fit's local targets are the statistics pass's own outputs
+                    local = [] if (block_fit is not None and block_fit.target == "local" and self.stats != "none") else None
                     if self.stats != "none":
-                        accs = self._statistics(block, linears, buffer, arguments, result, memory, dense, crosses)
+                        accs = self._statistics(block, linears, buffer, arguments, result, memory, dense, crosses, local)
                     if val is not None:
                         vaccs = self._statistics(block, linears, val.pruned, arguments, result, memory)
                         t0 = self._now()
                         for x in val.dense:  # the dense model's hidden state after this block
                             x.copy_(self._call(block, x.to(self.device), arguments))
                         result.forward_s += self._now() - t0
-                    targets = self._fit_targets(block, buffer, arguments, result, block_fit, dense, fit_dense)
+                    targets = local if local is not None else self._fit_targets(block, buffer, arguments, result, block_fit, dense, fit_dense)
                     self._solve(index, linears, accs, layer_fn, result, memory, crosses, vaccs)
                     for acc in {id(a): a for a in list(accs.values()) + list(vaccs.values())}.values():
                         memory.sub(_nbytes(vars(acc)))
@@ -789,8 +796,9 @@ class BlockDriver:
                     vaccs.clear()
                     fit = None
                     if block_fit is not None:
-                        def fit(v: _Validation | None, index=index, block=block, linears=linears, targets=targets) -> BlockFitRecord:
-                            return self._fit_block(index, block, linears, buffer, targets, arguments, block_fit, result, v)
+                        def fit(v: _Validation | None, start: float | None = None, index=index, block=block, linears=linears,
+                                targets=targets) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
+                            return self._fit_block(index, block, linears, buffer, targets, arguments, block_fit, result, v, start)
                     if val is not None:
                         self._validate_block(index, block, linears, val, arguments, result, block_choice, fit)
                     elif fit is not None:
@@ -826,7 +834,7 @@ class BlockDriver:
     def _validate_block(
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], val: _Validation, arguments: dict,
         result: DriverResult, block_choice: BlockChoice | None,
-        fit: Callable[[_Validation], BlockFitRecord] | None = None,
+        fit: Callable[[_Validation, float], tuple[BlockFitRecord, list[torch.Tensor] | None]] | None = None,
     ) -> None:
         """Run the validation windows through the finished block; with ``block_choice``, through each
         candidate weight set, keeping the one closest to the dense hidden state; then ``fit`` the
@@ -849,12 +857,10 @@ class BlockDriver:
         outs = best[3]
         result.forward_s += self._now() - t0
         if fit is not None:
-            record = fit(val)
+            record, fitted = fit(val, best[0])
             entry["deviation"]["fit"] = record.val_after
-            if record.best_step > 0:
-                t0 = self._now()
-                outs = [self._call(block, x.to(self.device), arguments) for x in val.pruned]
-                result.forward_s += self._now() - t0
+            if fitted is not None:  # the validation outputs of the kept iterate
+                outs = fitted
         for x, out in zip(val.pruned, outs):
             x.copy_(out)
         result.blocks.append(entry)
@@ -883,10 +889,12 @@ class BlockDriver:
     def _fit_block(
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], inputs: list[torch.Tensor],
         targets: list[torch.Tensor], arguments: dict, options: BlockFitOptions, result: DriverResult,
-        val: _Validation | None = None,
-    ) -> BlockFitRecord:
+        val: _Validation | None = None, start: float | None = None,
+    ) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
         """Fit the block's kept weights to ``targets`` (see :func:`sdsx.pruners.blockfit.fit_block`)
-        and write the kept iterate back; with ``val``, scored on its windows."""
+        and write the kept iterate back; with ``val``, scored on its windows (``start``: the starting
+        weights' deviation there, when known). Returns the record and, when the kept iterate is not
+        the start, its outputs on the validation windows (None otherwise)."""
         t0 = self._now()
         prefix = f"{self.path}.{index}."
         names = {name: name[len(prefix):] + ".weight" for name in linears}
@@ -899,15 +907,20 @@ class BlockDriver:
             return out[0] if isinstance(out, (tuple, list)) else out
 
         validate = None
+        kept: dict[str, Any] = {"dev": start, "outs": None}  # the best validation outputs so far
         if val is not None:
             def validate(ws: dict[str, torch.Tensor]) -> float:
-                return hidden_deviation([forward(ws, x) for x in val.pruned], val.dense)
+                outs = [forward(ws, x) for x in val.pruned]
+                dev = hidden_deviation(outs, val.dense)
+                if kept["dev"] is None or dev < kept["dev"]:  # the same rule as fit_block's choice
+                    kept["dev"], kept["outs"] = dev, outs
+                return dev
 
         frozen = [(p, p.requires_grad) for p in block.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)  # gradients only for the fitted copies, never the block's own
         try:
-            best, record = fit_block(forward, weights, inputs, targets, options, validate, block=index)
+            best, record = fit_block(forward, weights, inputs, targets, options, validate, block=index, start=start)
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
@@ -918,7 +931,7 @@ class BlockDriver:
         result.fits.append(record.to_dict())
         log.info("%s: block %d fit: %d steps, kept step %d, loss %.4g -> %.4g, validation %s -> %s", self.desc, index,
                  record.steps, record.best_step, record.loss_first, record.loss_last, record.val_before, record.val_after)
-        return record
+        return record, (kept["outs"] if record.best_step > 0 else None)
 
     def _oom_message(self, index: int, buffer: list[torch.Tensor], block_bytes: int, linears: dict[str, nn.Module], exc: BaseException) -> str:
         mib = 2**20

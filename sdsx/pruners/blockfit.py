@@ -119,6 +119,7 @@ def fit_block(
     options: BlockFitOptions,
     validate: Callable[[dict[str, torch.Tensor]], float] | None = None,
     block: int = -1,
+    start: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], BlockFitRecord]:
     """Fit the kept entries of ``weights`` so that ``forward(weights, x)`` approaches the targets.
 
@@ -130,6 +131,7 @@ def fit_block(
         options: see :class:`BlockFitOptions`.
         validate: ``weights -> deviation`` on held-out windows; the best iterate is kept.
         block: the block's index, for the record.
+        start: ``validate`` of the starting weights when the caller already knows it (saves a pass).
     Returns:
         The kept weights (same dtypes and devices as given) and a :class:`BlockFitRecord`.
     """
@@ -155,8 +157,10 @@ def fit_block(
     record = BlockFitRecord(block=block, steps=0, best_step=0, loss_first=float("nan"), loss_last=float("nan"))
     best = snapshot() if validate is not None else None
     if validate is not None:
-        with torch.no_grad():
-            record.val_before = record.val_after = float(validate(current()))
+        if start is None:
+            with torch.no_grad():
+                start = float(validate(current()))
+        record.val_before = record.val_after = float(start)
         record.history.append((0, record.val_before))
     stale = 0
     for step, i in enumerate(order[:steps], start=1):
