@@ -120,9 +120,11 @@ class PruneReport:
 
     def to_markdown(self, per_layer: bool = True) -> str:
         """A summary line, the timing split and (optionally) one table row per layer."""
+        total = self.total_error
         lines = [
             f"**{self.method} {self.sparsity}**: {len(self.layers)} layers, {self.pruned:,} of {self.numel:,} "
-            f"weights pruned ({self.overall_sparsity:.2%}), total error {self.total_error:.4g}, "
+            f"weights pruned ({self.overall_sparsity:.2%}), total error "
+            f"{'not computed (report_error=True computes it)' if math.isnan(total) else f'{total:.4g}'}, "
             f"calibration {self.nsamples} sequences / {self.tokens:,} tokens on {self.device}",
             "",
             "| forward s | statistics s | solver s | total s | peak memory MiB |",
@@ -133,7 +135,8 @@ class PruneReport:
         if per_layer:
             lines += ["", "| layer | shape | sparsity | error | seconds |", "|---|---|---:|---:|---:|"]
             for r in self.layers:
-                lines.append(f"| {r.name} | {r.shape[0]}x{r.shape[1]} | {r.sparsity:.4f} | {r.error:.4g} | {r.seconds:.3f} |")
+                error = "-" if math.isnan(r.error) else f"{r.error:.4g}"
+                lines.append(f"| {r.name} | {r.shape[0]}x{r.shape[1]} | {r.sparsity:.4f} | {error} | {r.seconds:.3f} |")
         return "\n".join(lines)
 
 
@@ -378,7 +381,7 @@ def prune(
     device: torch.device | str | None = None,
     offload: bool = True,
     progress: bool = True,
-    report_error: bool = True,
+    report_error: bool | None = None,
     batch_size: int = 1,
     checkpoint_dir: str | os.PathLike | None = None,
     save_activations: bool | None = None,
@@ -402,8 +405,11 @@ def prune(
         device: where blocks run (default CUDA when available, else the model's device).
         offload: keep the calibration activations on CPU between blocks.
         progress: show a progress bar per block.
-        report_error: compute every layer's reconstruction error tr(D H D^T); for Wanda and
-            magnitude this needs the full H (one more GEMM per input), so False makes them cheaper.
+        report_error: compute every layer's reconstruction error tr(D H D^T) (``report.layers``'
+            ``error``). None (the default): where it costs nothing, i.e. SparseGPT, whose solver
+            needs the full H anyway; Wanda then accumulates only the input column norms (H's
+            diagonal) and magnitude no statistics at all, and their errors are NaN. True asks for it
+            from every method (the full H: one more GEMM per input for Wanda and magnitude).
         batch_size: calibration sequences per block forward call.
         checkpoint_dir: save the run's state there after every block, and resume from it: a
             re-run with the same model, calibration and options after an interruption continues
@@ -438,6 +444,8 @@ def prune(
     fit = as_block_fit(block_fit)
     if fit is not None and method == "magnitude" and calib is None:
         raise ValueError("block_fit needs calibration windows; give calib")
+    if report_error is None:
+        report_error = method == "sparsegpt"
     # the validation statistics need the full Gram, which is what report_error asks of every method
     layer_fn, stats = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=report_error or bool(validation) or fit is not None)
     plan = validate(model, calib, spec, need_calib=stats != "none", batch_size=batch_size)

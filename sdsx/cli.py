@@ -160,6 +160,9 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
                    help=f"SparseGPT's lazy-update block in columns (default {d.blocksize})")
     g.add_argument("--percdamp", type=_nonneg_float, default=None, metavar="F",
                    help=f"SparseGPT's damping, a fraction of mean(diag H) (default {d.percdamp})")
+    g.add_argument("--report-error", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute every layer's reconstruction error tr(D H D^T) for the report (default: for sparsegpt and "
+                        "sds, where it costs nothing; wanda and magnitude then skip the full Gram, several times faster)")
     g = p.add_argument_group("SDS settings (method sds only; defaults are sdsx.SDSOptions')")
     g.add_argument("--schedule", choices=("interleaved", "phased", "parallel"), default=None,
                    help="interleaved: sparse, dense, sparse and adjust per block in one calibration pass (default); "
@@ -563,13 +566,14 @@ def _run_method(
         kwargs["blocksize"] = args.blocksize
     if args.percdamp is not None:
         kwargs["percdamp"] = args.percdamp
+    if args.report_error is not None:
+        kwargs["report_error"] = args.report_error
     if args.block_fit:
         from sdsx.pruners.sds import SDSOptions
         from sdsx.sds import auto_validation
 
-        d = SDSOptions()
-        kwargs["block_fit"] = dict(lr=d.block_lr if args.block_lr is None else args.block_lr, target=args.block_target or d.block_target,
-                                   epochs=d.block_epochs if args.block_epochs is None else args.block_epochs)
+        given = dict(block_lr=args.block_lr, block_target=args.block_target, block_epochs=args.block_epochs)
+        kwargs["block_fit"] = SDSOptions(**{k: v for k, v in given.items() if v is not None}).block_fit_options()
         validation = _validation_arg(args)
         kwargs["validation"] = auto_validation(int(calib.shape[0])) if validation == "auto" else validation
     return prune(model, calib, method, sparsity, device=device, progress=progress, **kwargs)

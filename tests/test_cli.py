@@ -238,7 +238,7 @@ def test_checkpoint_of_another_run_is_refused(files, tmp_path, capsys):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     capsys.readouterr()
     assert main(["prune", *base(files, "--method", "sparsegpt", "--ppl", "none"), "--out", str(out)]) == 1
-    one_line_error(capsys.readouterr().err, r"belongs to another run: options differ \(method='wanda' there, 'sparsegpt' now\)")
+    one_line_error(capsys.readouterr().err, r"belongs to another run: options differ \(method='wanda' there, 'sparsegpt' now[,)]")
     # --overwrite starts over
     assert main(["prune", *base(files, "--method", "sparsegpt", "--ppl", "none"), "--out", str(out), "--overwrite"]) == 0
     assert (out / META_NAME).is_file() and not (out / CHECKPOINT_MARKER).exists()
@@ -402,9 +402,11 @@ def test_prune_with_block_fit_and_mixed_or_self_calibration(files, tmp_path, cap
     assert run["options"]["block_fit"]["lr"] == 1e-3 and run["options"]["validation"] == 2  # auto: 1/8 of 8, at least 2
     assert len(run["fits"]) == len(run["blocks"]) == 2
     args_self = ["prune", str(files / "tiny"), "--calib", "self", "--nsamples", "2", "--seqlen", "16", "--ppl", "none", "--no-progress",
-                 "-q", "--method", "wanda", "--sparsity", "0.5", "--out", str(tmp_path / "self")]
+                 "-q", "--method", "wanda", "--sparsity", "0.5", "--report-error", "--out", str(tmp_path / "self")]
     assert main(args_self) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "self" / META_NAME).read_text())["calibration"]["source"] == "self"
+    wanda_run = json.loads((tmp_path / "self" / "report" / "report.json").read_text())["runs"][0]
+    assert wanda_run["options"]["report_error"] is True and wanda_run["total_error"] > 0  # asked for: the full Gram
     assert list((tmp_path / "cache" / "calib-self").glob("*.pt"))
     assert main([*args_self[:-1], str(tmp_path / "nope"), "--calib", "missing.txt,x.txt"]) == 1
     one_line_error(capsys.readouterr().err, "--calib missing.txt: no such file")

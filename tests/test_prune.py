@@ -62,7 +62,10 @@ def test_every_method_and_pattern(family, method, pattern):
     assert [r.name for r in report.layers] == list(linears)
     for row in report.layers:
         assert row.sparsity == 0.5
-        assert math.isfinite(row.error) and row.error >= 0
+        if method == "sparsegpt":  # by default only where it costs nothing (report_error=None)
+            assert math.isfinite(row.error) and row.error >= 0
+        else:
+            assert math.isnan(row.error)
         W = get_weight(linears[row.name])
         assert tuple(W.shape) == row.shape
         _check_pattern(W, pattern, method)
@@ -77,7 +80,7 @@ def test_sparsegpt_error_below_magnitude(family, pattern):
     errors = {}
     for method in ("magnitude", "sparsegpt"):
         model = make_tiny(family)
-        errors[method] = sdsx.prune(model, tiny_calib(), method, pattern, progress=False).total_error
+        errors[method] = sdsx.prune(model, tiny_calib(), method, pattern, progress=False, report_error=True).total_error
     assert errors["sparsegpt"] < errors["magnitude"]
 
 
@@ -123,14 +126,21 @@ def test_wanda_without_error_uses_diagonal_and_same_mask():
     assert math.isfinite(ra.total_error) and math.isnan(rb.total_error)
     for (n, la), lb in zip(_linears(a).items(), _linears(b).values()):
         assert torch.equal(la.weight, lb.weight), n
+    c = make_tiny("llama")
+    rc = sdsx.prune(c, tiny_calib(), "wanda", 0.5, progress=False)  # the default: column norms only
+    assert math.isnan(rc.total_error) and rc.options["report_error"] is False
+    for (n, la), lc in zip(_linears(a).items(), _linears(c).values()):
+        assert torch.equal(la.weight, lc.weight), n
+    assert "| - |" in rc.to_markdown() and "not computed" in rc.to_markdown()
 
 
 def test_magnitude_needs_no_calibration():
     model = make_tiny("gpt2")
     report = sdsx.prune(model, None, "magnitude", "2:4", progress=False, report_error=False)
     assert report.overall_sparsity == 0.5 and report.forward_s == 0.0 and math.isnan(report.total_error)
+    assert sdsx.prune(make_tiny("gpt2"), None, "magnitude", "2:4", progress=False).overall_sparsity == 0.5  # the default
     with pytest.raises(ValueError, match="calibration"):
-        sdsx.prune(make_tiny("gpt2"), None, "magnitude", "2:4", progress=False)
+        sdsx.prune(make_tiny("gpt2"), None, "magnitude", "2:4", progress=False, report_error=True)
 
 
 def test_report_serialises():
