@@ -207,12 +207,20 @@ def main(argv: list[str] | None = None) -> int:
         spec = float(pattern) if pattern.replace(".", "").isdigit() else pattern
         for pruner in args.pruners.split(","):
             if not args.no_base:
+                # the base as a user runs it (all windows, its default statistics, no validation
+                # stream): the time SDS's is compared with; then again with the validation
+                # windows for the error over depth (same weights up to rounding: its H covers
+                # every window), which is the row evaluated
+                model.load_state_dict(fresh)
+                t0 = time.perf_counter()
+                sdsx.prune(model, calib, pruner, spec, progress=False)
+                plain_seconds = time.perf_counter() - t0
                 model.load_state_dict(fresh)
                 t0 = time.perf_counter()
                 base_val = auto_validation(args.nsamples) if validation == "auto" else validation
                 rep = sdsx.prune(model, calib, pruner, spec, progress=False, validation=base_val)
                 seconds = time.perf_counter() - t0  # pruning only, not the evaluation
-                rows.append(dict(method=pruner, pattern=pattern, **scores(model), seconds=seconds,
+                rows.append(dict(method=pruner, pattern=pattern, **scores(model), seconds=seconds, plain_seconds=plain_seconds,
                                  forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error, blocks=rep.blocks))
                 print(rows[-1], flush=True)
                 save()

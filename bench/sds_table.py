@@ -5,7 +5,9 @@ pruner's from the same calibration (the same seed and pattern), with the relativ
 
 Rows of the same (seed, pattern, method) from several files are all listed (they are repeats);
 the base of a row is the first base row of its seed and pattern, preferring one from its own file.
-Time ratios are given only against a base of the same file (measured side by side in one run).
+Time ratios are given only against a base of the same file (measured side by side in one run):
+against the base row's own run (with the validation windows) and, where the file has it, against
+the base as a user runs it by default (``plain_seconds``: all windows, no validation stream).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def base_of(row: dict, rows: list[dict]) -> dict | None:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    head = ["seed", "pattern", "method", "options"] + [name for _, name in METRICS] + ["time vs base", "file"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(METRICS) + 1) + "---|"]
+    head = ["seed", "pattern", "method", "options"] + [name for _, name in METRICS] + ["time vs base", "vs default base", "file"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(METRICS) + 2) + "---|"]
     order = sorted(rows, key=lambda r: (str(r["pattern"]), r["method"].split("-", 1)[-1], r["seed"], r["method"] != r["method"].split("-", 1)[-1]))
     for r in order:
         b = base_of(r, rows)
@@ -50,8 +52,10 @@ def to_markdown(rows: list[dict]) -> str:
         # time ratios only side by side in one run (one file): the machine's load drifts between runs
         same_run = b is not None and b is not r and b["file"] == r["file"] and b.get("seconds")
         ratio = f"{r['seconds'] / b['seconds']:.2f}x" if same_run else ""
+        # against the base run as a user runs it (all windows, default statistics, no validation stream)
+        plain = f"{r['seconds'] / b['plain_seconds']:.2f}x" if same_run and b.get("plain_seconds") else ""
         opts = ",".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
-        lines.append(f"| {r['seed']} | {r['pattern']} | {r['method']} | {opts} | " + " | ".join(cells) + f" | {ratio} | {r['file']} |")
+        lines.append(f"| {r['seed']} | {r['pattern']} | {r['method']} | {opts} | " + " | ".join(cells) + f" | {ratio} | {plain} | {r['file']} |")
     return "\n".join(lines) + "\n"
 
 
