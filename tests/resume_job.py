@@ -36,7 +36,7 @@ def main() -> None:
         sdsx.prune(model, calib, args.kind, args.sparsity, **common)
     elif args.kind == "fit":
         # the block fit: validation windows and the dense stream of the calibration windows travel with the checkpoint
-        sdsx.prune(model, calib, "sparsegpt", args.sparsity, validation=2, block_fit=dict(lr=1e-3, epochs=2, eval_every=2), **common)
+        sdsx.prune(model, calib, "sparsegpt", args.sparsity, validation=2, block_fit=dict(lr=1e-3, epochs=0.75, eval_every=2), **common)  # a part of the windows: a partial dense stream
     else:
         schedule = "phased" if args.kind == "phased" else "interleaved"
         # "sdsval": validation windows, whose two hidden-state streams travel with the checkpoint

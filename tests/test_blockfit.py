@@ -8,7 +8,7 @@ from conftest import make_tiny, tiny_calib
 
 import sdsx
 from sdsx.model.blocks import get_weight, model_linears
-from sdsx.pruners.blockfit import BlockFitOptions, as_block_fit, fit_block, relative_error
+from sdsx.pruners.blockfit import BlockFitOptions, as_block_fit, fit_block, relative_error, visit_order
 
 
 def _masked_problem(seed: int = 0):
@@ -130,8 +130,8 @@ def test_sds_with_block_fit_and_schedule_errors():
         sdsx.sds_prune(make_tiny("llama"), calib, "2:4", progress=False, block_fit=True, block_target="x")
 
 
-@pytest.mark.parametrize("target", ["local", "dense"])
-def test_first_block_fit_starts_from_the_dense_block_output(target):
+@pytest.mark.parametrize("target,epochs", [("local", 1.0), ("dense", 1.0), ("dense", 0.5)])
+def test_first_block_fit_starts_from_the_dense_block_output(target, epochs):
     """Block 0 sees the embeddings in both models, so its local target (the statistics pass's own
     outputs) and its dense target are both the dense model's first hidden state: the fit's first
     loss is the pruned block's error against it on the first window it visits."""
@@ -140,11 +140,31 @@ def test_first_block_fit_starts_from_the_dense_block_output(target):
     pruned = make_tiny("llama")
     sdsx.prune(pruned, calib, "wanda", 0.5, progress=False)  # the weights the fit starts from
     model = make_tiny("llama")
-    report = sdsx.prune(model, calib, "wanda", 0.5, progress=False, block_fit=dict(target=target, epochs=1, lr=1e-3))
-    first = int(torch.randperm(8, generator=torch.Generator().manual_seed(0))[0])
+    report = sdsx.prune(model, calib, "wanda", 0.5, progress=False, block_fit=dict(target=target, epochs=epochs, lr=1e-3))
+    order = visit_order(8, BlockFitOptions(epochs=epochs))
+    assert order[0] == int(torch.randperm(8, generator=torch.Generator().manual_seed(0))[0])
+    assert [f["steps"] for f in report.fits] == [len(order)] * 2
+    first = order[0]
     x = calib[first : first + 1]
     with torch.no_grad():
         want = relative_error(pruned(x, output_hidden_states=True).hidden_states[1],
                               dense(x, output_hidden_states=True).hidden_states[1])
     assert report.fits[0]["loss_first"] == pytest.approx(float(want), rel=1e-4)
     assert float(want) > 1e-3  # the pruned block does differ from the dense one
+
+
+def test_visit_order_and_missing_targets():
+    half = visit_order(8, BlockFitOptions(epochs=0.5, seed=3))
+    assert len(half) == 4 and len(set(half)) == 4  # a part of one permutation
+    assert visit_order(8, BlockFitOptions(epochs=0.5, seed=3)) == half  # the same for every block
+    two = visit_order(5, BlockFitOptions(epochs=2))
+    assert len(two) == 10 and sorted(two) == sorted(list(range(5)) * 2)
+    assert len(visit_order(5, BlockFitOptions(epochs=0.01))) == 1
+    W_d, mask, xs, ys, forward = _masked_problem()
+    opts = BlockFitOptions(epochs=0.5)
+    order = visit_order(len(xs), opts)
+    sparse_targets = [y if i in order else None for i, y in enumerate(ys)]
+    _, rec = fit_block(forward, {"w": W_d * 0.5}, xs, sparse_targets, opts)  # unvisited batches need no target
+    assert rec.steps == len(order)
+    with pytest.raises(ValueError, match="no target"):
+        fit_block(forward, {"w": W_d}, xs, [None] * len(xs), opts)

@@ -22,7 +22,7 @@ from sdsx.checkpoint import _fault
 from sdsx.numerics import all_finite
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
 from sdsx.pruners.base import PruneResult
-from sdsx.pruners.blockfit import BlockFitOptions, BlockFitRecord, fit_block, relative_error
+from sdsx.pruners.blockfit import BlockFitOptions, BlockFitRecord, fit_block, relative_error, visit_order
 from sdsx.stats import GramAccumulator
 
 if TYPE_CHECKING:
@@ -610,7 +610,8 @@ class BlockDriver:
                         dense = [x.clone() for x in buffer]
                         memory.add(_nbytes(dense))
                     elif block_fit is not None and block_fit.target == "dense":
-                        fit_dense = [x.clone() for x in buffer]
+                        # only the windows the fit visits need the dense model's hidden states
+                        fit_dense = [buffer[i].clone() for i in sorted(set(visit_order(len(buffer), block_fit)))]
                         memory.add(_nbytes(fit_dense))
                     self._warn_rank(result.tokens)
                     if first:
@@ -880,7 +881,9 @@ class BlockDriver:
             assert fit_dense is not None
             for x in fit_dense:
                 x.copy_(self._call(block, x.to(self.device), arguments))
-            targets = fit_dense
+            targets: list[torch.Tensor | None] = [None] * len(buffer)
+            for i, x in zip(sorted(set(visit_order(len(buffer), options))), fit_dense):
+                targets[i] = x
         else:
             targets = [self._call(block, x.to(self.device), arguments).to(self.store_device) for x in buffer]
         result.forward_s += self._now() - t0

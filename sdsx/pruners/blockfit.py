@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["BlockFitOptions", "BlockFitRecord", "as_block_fit", "fit_block", "relative_error"]
+__all__ = ["BlockFitOptions", "BlockFitRecord", "as_block_fit", "fit_block", "relative_error", "visit_order"]
 
 TARGETS = ("dense", "local")
 
@@ -111,11 +111,23 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (num / den).mean()
 
 
+def visit_order(count: int, options: BlockFitOptions) -> list[int]:
+    """The calibration batches the fit visits, in order: ``round(epochs * count)`` steps (at least
+    one), seeded permutations of the ``count`` batches back to back. The same for every block, so
+    with ``epochs < 1`` the driver advances the dense stream only for the batches in it."""
+    steps = max(1, round(options.epochs * count))
+    gen = torch.Generator().manual_seed(options.seed)
+    order: list[int] = []
+    while len(order) < steps:
+        order += torch.randperm(count, generator=gen).tolist()
+    return order[:steps]
+
+
 def fit_block(
     forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
     weights: dict[str, torch.Tensor],
     inputs: Sequence[torch.Tensor],
-    targets: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor | None],
     options: BlockFitOptions,
     validate: Callable[[dict[str, torch.Tensor]], float] | None = None,
     block: int = -1,
@@ -127,7 +139,8 @@ def fit_block(
         forward: ``(weights by name, input batch) -> output batch``, differentiable in the weights
             (the driver uses ``torch.func.functional_call`` of the block).
         weights: the pruned weights by parameter name; their zeros are the masks, kept fixed.
-        inputs, targets: the calibration batches and the hidden states to approach.
+        inputs, targets: the calibration batches and the hidden states to approach; a target may
+            be None for a batch that :func:`visit_order` does not visit.
         options: see :class:`BlockFitOptions`.
         validate: ``weights -> deviation`` on held-out windows; the best iterate is kept.
         block: the block's index, for the record.
@@ -149,11 +162,11 @@ def fit_block(
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: p.detach().to(dtypes[k]).clone() for k, p in params.items()}
 
-    steps = max(1, round(options.epochs * len(inputs)))
-    gen = torch.Generator().manual_seed(options.seed)
-    order: list[int] = []
-    while len(order) < steps:
-        order += torch.randperm(len(inputs), generator=gen).tolist()
+    order = visit_order(len(inputs), options)
+    steps = len(order)
+    missing = sorted({i for i in order if targets[i] is None})
+    if missing:
+        raise ValueError(f"block fit: no target for the visited batches {missing}")
     record = BlockFitRecord(block=block, steps=0, best_step=0, loss_first=float("nan"), loss_last=float("nan"))
     best = snapshot() if validate is not None else None
     if validate is not None:
@@ -163,7 +176,7 @@ def fit_block(
         record.val_before = record.val_after = float(start)
         record.history.append((0, record.val_before))
     stale = 0
-    for step, i in enumerate(order[:steps], start=1):
+    for step, i in enumerate(order, start=1):
         with torch.enable_grad():
             loss = relative_error(forward(current(), inputs[i]), targets[i])
             opt.zero_grad(set_to_none=True)
