@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="extra SDS option sets: name:key=val,key=val;name2:...")
     p.add_argument("--ops-samples", type=int, default=32, help="calibration sequences the --ops measurements use")
     p.add_argument("--no-base", action="store_true", help="skip the base pruners (ablations only)")
+    p.add_argument("--base-time-only", action="store_true",
+                   help="time the base pruner as a user runs it, without evaluating it (its perplexities are "
+                        "deterministic: take them from another run of the same seed)")
     p.add_argument("--fit-variants", default="",
                    help="base pruner + block fit rows (S + block fit): name:lr=1e-4,epochs=1;name2:... (BlockFitOptions fields)")
     p.add_argument("--no-sds", action="store_true")
@@ -215,15 +218,20 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 sdsx.prune(model, calib, pruner, spec, progress=False)
                 plain_seconds = time.perf_counter() - t0
-                model.load_state_dict(fresh)
-                t0 = time.perf_counter()
-                base_val = auto_validation(args.nsamples) if validation == "auto" else validation
-                rep = sdsx.prune(model, calib, pruner, spec, progress=False, validation=base_val)
-                seconds = time.perf_counter() - t0  # pruning only, not the evaluation
-                rows.append(dict(method=pruner, pattern=pattern, **scores(model), seconds=seconds, plain_seconds=plain_seconds,
-                                 forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error, blocks=rep.blocks))
-                print(rows[-1], flush=True)
-                save()
+                if args.base_time_only:
+                    rows.append(dict(method=pruner, pattern=pattern, plain_seconds=plain_seconds, time_only=True))
+                    print(rows[-1], flush=True)
+                    save()
+                else:
+                    model.load_state_dict(fresh)
+                    t0 = time.perf_counter()
+                    base_val = auto_validation(args.nsamples) if validation == "auto" else validation
+                    rep = sdsx.prune(model, calib, pruner, spec, progress=False, validation=base_val)
+                    seconds = time.perf_counter() - t0  # pruning only, not the evaluation
+                    rows.append(dict(method=pruner, pattern=pattern, **scores(model), seconds=seconds, plain_seconds=plain_seconds,
+                                     forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error, blocks=rep.blocks))
+                    print(rows[-1], flush=True)
+                    save()
             for name, fit in (parse_variant(v) for v in args.fit_variants.split(";") if v):
                 model.load_state_dict(fresh)
                 t0 = time.perf_counter()

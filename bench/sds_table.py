@@ -28,11 +28,17 @@ def load(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def base_of(row: dict, rows: list[dict]) -> dict | None:
+def base_of(row: dict, rows: list[dict], timed: bool = False) -> dict | None:
+    """The base row of ``row``: the same seed and pattern, preferring its own file. For the
+    perplexities a timing-only base row (``--base-time-only``) does not count; for the time
+    (``timed``) only a base of the same file does."""
     pruner = row["method"].split("-", 1)[-1]
     same = [r for r in rows if r["method"] == pruner and r["pattern"] == row["pattern"] and r["seed"] == row["seed"]]
     own = [r for r in same if r["file"] == row["file"]]
-    return (own or same or [None])[0]
+    if timed:
+        return (own or [None])[0]
+    scored = [r for r in own + same if not r.get("time_only")]
+    return (scored or [None])[0]
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -41,19 +47,20 @@ def to_markdown(rows: list[dict]) -> str:
     order = sorted(rows, key=lambda r: (str(r["pattern"]), r["method"].split("-", 1)[-1], r["seed"], r["method"] != r["method"].split("-", 1)[-1]))
     for r in order:
         b = base_of(r, rows)
+        t = base_of(r, rows, timed=True)
         cells = []
         for key, _ in METRICS:
             if key not in r:
-                cells.append("")
+                cells.append("" if not r.get("time_only") else "(timing only)")
             elif b is None or b is r or key not in b:
                 cells.append(f"{r[key]:.2f}")
             else:
                 cells.append(f"{r[key]:.2f} ({100 * (r[key] / b[key] - 1):+.1f}%)")
         # time ratios only side by side in one run (one file): the machine's load drifts between runs
-        same_run = b is not None and b is not r and b["file"] == r["file"] and b.get("seconds")
-        ratio = f"{r['seconds'] / b['seconds']:.2f}x" if same_run else ""
+        same_run = t is not None and t is not r and r.get("seconds")
+        ratio = f"{r['seconds'] / t['seconds']:.2f}x" if same_run and t.get("seconds") else ""
         # against the base run as a user runs it (all windows, default statistics, no validation stream)
-        plain = f"{r['seconds'] / b['plain_seconds']:.2f}x" if same_run and b.get("plain_seconds") else ""
+        plain = f"{r['seconds'] / t['plain_seconds']:.2f}x" if same_run and t.get("plain_seconds") else ""
         opts = ",".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
         lines.append(f"| {r['seed']} | {r['pattern']} | {r['method']} | {opts} | " + " | ".join(cells) + f" | {ratio} | {plain} | {r['file']} |")
     return "\n".join(lines) + "\n"
