@@ -34,7 +34,7 @@ def test_rank_deficient_calibration_finishes_with_a_warning(method, sparsity, ca
     singular (rank <= 64, the MLP's down projection certainly)."""
     model = make_tiny("llama", layers=2)
     with caplog.at_level(logging.WARNING, logger="sdsx"):
-        report = sdsx.prune(model, tiny_calib(nsamples=4, seqlen=16), method, sparsity, progress=False)
+        report = sdsx.prune(model, tiny_calib(nsamples=4, seqlen=16), method, sparsity, progress=False, report_error=True)
     _valid(model, str(sparsity))
     assert all(r.error == r.error for r in report.layers)  # no NaN errors
     assert any("rank-deficient" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
@@ -96,7 +96,7 @@ def test_nonfinite_block_output_names_the_block():
     new.load_state_dict(old.state_dict())
     model.model.layers[1].mlp.down_proj = new
     with pytest.raises(FloatingPointError, match=r"block 1 \(model\.layers\.1\) produced NaN/Inf outputs"):
-        sdsx.prune(model, tiny_calib(), "magnitude", "2:4", progress=False)
+        sdsx.prune(model, tiny_calib(), "magnitude", "2:4", progress=False, report_error=True)  # the full H: forward passes
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -108,7 +108,7 @@ def test_half_precision_models(dtype, method):
     half = make_tiny("llama", layers=2).to(dtype)
     calib = tiny_calib()
     sdsx.prune(ref, calib, method, "2:4", progress=False)
-    report = sdsx.prune(half, calib, method, "2:4", progress=False)
+    report = sdsx.prune(half, calib, method, "2:4", progress=False, report_error=True)
     _valid(half, "2:4")
     agree = []
     for (name, a), b in zip(model_linears(ref).items(), model_linears(half).values()):
