@@ -22,7 +22,7 @@ from sdsx.checkpoint import _fault
 from sdsx.numerics import all_finite
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
 from sdsx.pruners.base import PruneResult
-from sdsx.pruners.blockfit import BlockFitOptions, BlockFitRecord, fit_block, relative_error, visit_order
+from sdsx.pruners.blockfit import BlockFitOptions, BlockFitRecord, fit_block, relative_error, visited
 from sdsx.stats import GramAccumulator
 
 if TYPE_CHECKING:
@@ -611,7 +611,7 @@ class BlockDriver:
                         memory.add(_nbytes(dense))
                     elif block_fit is not None and block_fit.target == "dense":
                         # only the windows the fit visits need the dense model's hidden states
-                        fit_dense = [buffer[i].clone() for i in sorted(set(visit_order(len(buffer), block_fit)))]
+                        fit_dense = [buffer[i].clone() for i in visited(len(buffer), block_fit)]
                         memory.add(_nbytes(fit_dense))
                     self._warn_rank(result.tokens)
                     if first:
@@ -779,8 +779,8 @@ class BlockDriver:
                     accs: dict[str, Any] = {}
                     crosses: dict[int, Any] = {}
                     vaccs: dict[str, Any] = {}
-                    # the block fit's local targets are the statistics pass's own outputs
-                    local = [] if (block_fit is not None and block_fit.target == "local" and self.stats != "none") else None
+                    # the block fit's local targets are the statistics pass's own outputs (the fit runs with stats="full")
+                    local = [] if (block_fit is not None and block_fit.target == "local") else None
                     if self.stats != "none":
                         accs = self._statistics(block, linears, buffer, arguments, result, memory, dense, crosses, local)
                     if val is not None:
@@ -870,22 +870,21 @@ class BlockDriver:
         self, block: nn.Module, buffer: list[torch.Tensor], arguments: dict, result: DriverResult,
         options: BlockFitOptions | None, dense: list[torch.Tensor] | None, fit_dense: list[torch.Tensor] | None,
     ) -> list[torch.Tensor] | None:
-        """The block fit's targets, computed while the block is still dense: the dense stream advanced
-        through it (``target="dense"``), or the block's dense output on the pruned inputs."""
+        """The block fit's dense targets, computed while the block is still dense: the dense stream
+        (of the windows the fit visits; None for the others) advanced through it. The local target
+        is the statistics pass's own outputs and does not come here."""
         if options is None:
             return None
-        if dense is not None and options.target == "dense":
+        assert options.target == "dense", options.target
+        if dense is not None:
             return dense  # the dense-target variant's stream, already advanced by _statistics
+        assert fit_dense is not None
         t0 = self._now()
-        if options.target == "dense":
-            assert fit_dense is not None
-            for x in fit_dense:
-                x.copy_(self._call(block, x.to(self.device), arguments))
-            targets: list[torch.Tensor | None] = [None] * len(buffer)
-            for i, x in zip(sorted(set(visit_order(len(buffer), options))), fit_dense):
-                targets[i] = x
-        else:
-            targets = [self._call(block, x.to(self.device), arguments).to(self.store_device) for x in buffer]
+        for x in fit_dense:
+            x.copy_(self._call(block, x.to(self.device), arguments))
+        targets: list[torch.Tensor | None] = [None] * len(buffer)
+        for i, x in zip(visited(len(buffer), options), fit_dense):
+            targets[i] = x
         result.forward_s += self._now() - t0
         return targets
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["BlockFitOptions", "BlockFitRecord", "as_block_fit", "fit_block", "relative_error", "visit_order"]
+__all__ = ["BlockFitOptions", "BlockFitRecord", "as_block_fit", "fit_block", "relative_error", "visit_order", "visited"]
 
 TARGETS = ("dense", "local")
 
@@ -125,6 +125,12 @@ def visit_order(count: int, options: BlockFitOptions) -> list[int]:
     while len(order) < steps:
         order += torch.randperm(count, generator=gen).tolist()
     return order[:steps]
+
+
+def visited(count: int, options: BlockFitOptions) -> list[int]:
+    """The distinct batches :func:`visit_order` visits, ascending: the windows whose dense hidden
+    states the fit needs."""
+    return sorted(set(visit_order(count, options)))
 
 
 def fit_block(
