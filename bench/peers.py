@@ -39,6 +39,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Run as a script, Python puts bench/ first on sys.path, and bench/kernels.py then shadows the PyPI
+# package `kernels`, which transformers imports to see whether it is installed: in the peer's
+# environment (no sdsx) that import fails and takes every model class with it. Nothing here
+# imports from bench/.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ["SDSX_DATA"]) if os.environ.get("SDSX_DATA") else REPO.parent / "shared" / "data"
 LIBRARIES = ("sdsx", "llmcompressor")
