@@ -281,15 +281,20 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         pruner = r["method"].split("-", 1)[-1]
         b = base.get((pruner, r["pattern"]))
-        ratio = f"{r['seconds'] / b['seconds']:.2f}x" if b and b is not r and b["seconds"] else ""
+        # SDS against the base as a user runs it (plain_seconds) where the file has it; a
+        # --base-time-only row holds that time alone and no perplexities
+        seconds = r.get("seconds", r.get("plain_seconds"))
+        base_s = (b.get("plain_seconds") or b.get("seconds")) if b else None
+        ratio = f"{seconds / base_s:.2f}x" if b and b is not r and base_s else ""
         opts = ",".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
         imp = f"{r['improved_layers']}/{r['layers']}" if "improved_layers" in r else ""
         err = f"{r['error']:.4g}" if r.get("error") is not None else ""
         val = f"{r['ppl_val']:.2f}" if "ppl_val" in r else ""
         other = f"{r['ppl_other']:.2f}" if "ppl_other" in r else ""
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
         kept = f"{len(r['kept_blocks'])}/{len(r['blocks'])}" if r.get("blocks") and "kept_blocks" in r else ""
         agree = f"{r['mask_agreement']:.2%}" if r.get("mask_agreement") is not None else ""
-        lines.append(f"| {r['method']} | {r['pattern']} | {opts} | {val} | {other} | {r['ppl']:.2f} | {r['seconds']:.0f} | {ratio} | {err} | "
+        lines.append(f"| {r['method']} | {r['pattern']} | {opts} | {val} | {other} | {ppl} | {seconds:.0f} | {ratio} | {err} | "
                      f"{imp} | {kept} | {agree} |")
     if "ops" in meta:
         o = meta["ops"]

@@ -218,6 +218,27 @@ def test_refit_reaches_the_masked_least_squares_solution():
         torch.testing.assert_close(W[r, k].double(), exact, rtol=1e-3, atol=1e-4)
 
 
+def test_refit_early_stop_keeps_the_better_of_start_and_end():
+    """With H_val the CG refit scores its start and its last iterate only, and returns the better."""
+    from sdsx.pruners.sds import refit
+
+    torch.manual_seed(3)
+    W_d = torch.randn(8, 32)
+    X = torch.randn(60, 32) * torch.linspace(0.1, 4, 32)
+    H = X.t() @ X / 60
+    mask = sdsx.ops.nm_mask(W_d.abs(), 2, 4)
+    start = W_d * mask
+    end = refit(start, W_d, H, mask, 8)
+    for H_val, expect in ((H, end), (torch.eye(32) * 1e-3 + (start - end).t() @ (start - end), start)):
+        # validation on the fitted H: the end wins; on inputs along which the refit moved: the start
+        history: list[float] = []
+        W = refit(start, W_d, H, mask, 8, H_val=H_val, history=history)
+        assert len(history) == 2
+        assert history == [reconstruction_error(W_d, start, H_val), reconstruction_error(W_d, end, H_val)]
+        torch.testing.assert_close(W, expect)
+        assert reconstruction_error(W_d, W, H_val) == min(history)
+
+
 def test_phased_schedule_uses_the_cg_refit_when_the_mask_is_fixed(monkeypatch):
     """reselect=False means the CG refit on the fixed mask in every schedule, not only the interleaved one."""
     import sdsx.pruners.sds as sds_mod

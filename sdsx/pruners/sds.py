@@ -320,12 +320,15 @@ def adjust(
 def final_adjust(
     W: torch.Tensor, mask: torch.Tensor, W_d: torch.Tensor, H: torch.Tensor, spec: SparsitySpec, opts: SDSOptions,
     lam: torch.Tensor | float, shift: torch.Tensor | None = None, H_val: torch.Tensor | None = None,
+    history: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 3's weight adjustment as ``opts`` asks: projected gradient with the mask re-selected
-    every iteration (``reselect``, the paper's), else the CG refit on the fixed ``mask``."""
+    every iteration (``reselect``, the paper's), else the CG refit on the fixed ``mask``.
+    ``history`` receives the validation errors of the iterates scored on ``H_val``; the returned
+    weights' is its minimum."""
     if opts.reselect:
-        return adjust(W, W_d, H, spec, opts.adjust_iters, True, lam, opts.adjust_score, shift, H_val)
-    return refit(W, W_d, H, mask, opts.adjust_iters, shift, H_val), mask
+        return adjust(W, W_d, H, spec, opts.adjust_iters, True, lam, opts.adjust_score, shift, H_val, history)
+    return refit(W, W_d, H, mask, opts.adjust_iters, shift, H_val, history), mask
 
 
 def refit(
@@ -336,13 +339,18 @@ def refit(
     iters: int,
     shift: torch.Tensor | None = None,
     H_val: torch.Tensor | None = None,
+    history: list[float] | None = None,
 ) -> torch.Tensor:
     """The adjustment with the mask fixed, run towards convergence: conjugate gradients on
     tr((W - W_d) H (W - W_d)^T) (+ 2 tr(W B^T) with a dense-target ``shift`` B) over the kept
     entries of every row. Rows are independent problems, so each row has its own step sizes; one
     (rows x in x in) GEMM per iteration, like a projected-gradient step, but CG needs about
-    sqrt(condition number) iterations where the gradient step needs the condition number. With
-    ``H_val``, returns the iterate with the lowest validation error (the start included)."""
+    sqrt(condition number) iterations where the gradient step needs the condition number.
+
+    With ``H_val``, returns whichever of the start and the last iterate has the lower validation
+    error (``history`` receives both). Only those two are scored: each score costs a GEMM like a
+    CG step, and CG lowers the (damped) fit error monotonically, so the intermediate iterates are
+    rarely the best on validation (SmolLM2-135M, docs/sds.md)."""
     W_d = W_d.float()
     keep = mask.to(torch.float32)
     W = W_start.float() * keep
@@ -350,7 +358,7 @@ def refit(
     R = -G * keep
     P = R.clone()
     rr = (R * R).sum(1)
-    best = _BestIterate(W_d, H_val)
+    best = _BestIterate(W_d, H_val, history)
     if H_val is not None:
         best.offer(W.clone())  # W is updated in place below
     tiny = torch.finfo(torch.float32).tiny
@@ -364,8 +372,7 @@ def refit(
         beta = torch.where(rr > tiny, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
         P = R + beta.unsqueeze(1) * P
         rr = rr_new
-        if H_val is not None:
-            best.offer(W.clone())
+    best.offer(W)
     return best.result(W)[0]
 
 
@@ -489,15 +496,17 @@ def sds_tail(
     # phase 3's pruner compensates towards the re-dense weights; report the error to the dense ones
     final_w, final_mask = s2.weight, s2.mask
     errors["sparse2"] = target_error(Wd, final_w, H, shift)
+    scored: list[float] = []  # validation errors the early stop measured
     if opts.adjust:
         H_stop = Hv if opts.early_stop else None
-        final_w, final_mask = final_adjust(final_w, final_mask.to(Wd.device), Wd, Hd, spec, opts, sh.lam, shift, H_stop)
+        final_w, final_mask = final_adjust(final_w, final_mask.to(Wd.device), Wd, Hd, spec, opts, sh.lam, shift, H_stop, scored)
         errors["adjust"] = target_error(Wd, final_w, H, shift)
     final_err = errors["adjust"] if opts.adjust else errors["sparse2"]  # the error of final_w, already measured
     kept = False
     if Hv is not None:
         errors["val_sparse"] = reconstruction_error(Wd, s1w, Hv)
-        errors["val_final"] = reconstruction_error(Wd, final_w, Hv)
+        # the early stop has scored the weights it returned
+        errors["val_final"] = min(scored) if scored else reconstruction_error(Wd, final_w, Hv)
         worse = errors["val_final"] > errors["val_sparse"]
     else:
         worse = final_err > s1_loss
