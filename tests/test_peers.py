@@ -145,3 +145,17 @@ def test_worker_mode_loads_without_sdsx():
             "print(sorted(k for k in ('sdsx', 'torch', 'numpy', 'transformers') if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_run_as_a_script_bench_does_not_shadow_installed_packages(monkeypatch):
+    """`python bench/peers.py` puts bench/ first on sys.path; bench/kernels.py would then be what
+    `import kernels` finds, the probe transformers makes for the PyPI package (it broke the peer's
+    worker, which has no sdsx to import). Loading peers.py takes bench/ off sys.path again."""
+    monkeypatch.syspath_prepend(str(PATH.parent))
+    assert Path(importlib.util.find_spec("kernels").origin).parent == PATH.parent  # the shadowing
+    spec = importlib.util.spec_from_file_location("bench_peers_path", PATH)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert all(Path(p or ".").resolve() != PATH.parent for p in sys.path)
+    importlib.invalidate_caches()
+    found = importlib.util.find_spec("kernels")
+    assert found is None or Path(found.origin).parent != PATH.parent
