@@ -363,6 +363,18 @@ def plot_ppl(rows: list[dict], path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ workers
 def _peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started (exec'd).
+
+    On Linux getrusage's ru_maxrss is no good for that: execve keeps the high-water mark of the
+    memory it replaces, so a worker reports at least the RSS of the parent that forked it (the
+    parent holds the evaluated models, 2.4 GiB by the fourth run). /proc/self/status's VmHWM is the
+    high-water mark of the worker's own address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
