@@ -232,7 +232,8 @@ def summarize(rows: list[dict], agreement: list[dict]) -> list[dict]:
         if len(by_lib) == 2:
             seeds = sorted(set(by_lib["sdsx"]) & set(by_lib[PEER]))
             for key in ("wall_s", "pruning_s", "peak_rss_mib"):
-                entry["ratios"][key] = [by_lib["sdsx"][s][key] / by_lib[PEER][s][key] for s in seeds if by_lib[PEER][s].get(key)]
+                entry["ratios"][key] = [by_lib["sdsx"][s][key] / by_lib[PEER][s][key] for s in seeds
+                                        if by_lib[PEER][s].get(key) and by_lib["sdsx"][s].get(key) is not None]
             entry["ratios"]["seeds"] = seeds
         agree = sorted((a for a in agreement if (a["method"], a["pattern"]) == (method, pattern)), key=lambda a: a["seed"])
         entry["common"] = [a["common"] for a in agree]
@@ -283,7 +284,7 @@ def to_markdown(meta: dict, rows: list[dict], agreement: list[dict]) -> str:
         lines.append(
             f"| {library_label(r['library'])} | {method_label(r['method'])} | {pattern_label(r['pattern'])} | {r['seed']} | "
             f"{r['wall_s']:.1f} | {r['forward_s']:.1f} | {r['stats_s']:.1f} | {r['solver_s']:.1f} | {r['other_s']:.1f} | "
-            f"{r['pruning_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['ppl']:.2f} | {'' if a is None else format(a['common'], '.2%')} | ok |"
+            f"{r['pruning_s']:.1f} | {'' if r.get('peak_rss_mib') is None else format(r['peak_rss_mib'], '.0f')} | {r['ppl']:.2f} | {'' if a is None else format(a['common'], '.2%')} | ok |"
         )
     summary = summarize(rows, agreement)
     if summary:
@@ -329,6 +330,8 @@ def to_markdown(meta: dict, rows: list[dict], agreement: list[dict]) -> str:
                 cells = [f"{e['common_by_block'][i]:.2%}" if i < len(e["common_by_block"]) else "" for e in with_blocks]
                 lines.append(f"| {i} | " + " | ".join(cells) + " |")
     lines += ["", "How each time is measured:", ""] + [f"- {library_label(k)}: {v}" for k, v in TIMING.items()]
+    lines += ["", "Peak RSS: the worker process's own high-water mark (VmHWM of /proc/self/status, taken right after "
+              "the pruning call, before the weights are saved). A blank: not measured that way (see the row's peak_rss_note)."]
     return "\n".join(lines) + "\n"
 
 

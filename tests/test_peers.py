@@ -127,6 +127,11 @@ def test_summary_and_markdown(peers, tmp_path):
     assert len(table) == 2 + len(rows) and len({line.count("|") for line in table}) == 1  # a failed row has every cell too
     peers.plot_ppl(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # a run whose peak RSS was not measured (None) drops out of the memory ratio and shows blank
+    rows[3]["peak_rss_mib"] = None
+    (entry,) = peers.summarize(rows, agreement)
+    assert entry["ratios"]["peak_rss_mib"] == pytest.approx([0.8]) and entry["ratios"]["wall_s"] == pytest.approx([0.5, 0.5])
+    assert "| sdsx | SparseGPT | 2:4 | 1 | 90.0 | 60.0 | 15.0 | 15.0 | 0.0 | 30.0 |  | 154.00 |" in peers.to_markdown(meta, rows, agreement)
 
 
 def test_peer_missing_is_reported_not_raised(peers, tmp_path):
