@@ -8,7 +8,9 @@ For every pruner x pattern it prunes a fresh copy of the model with the base pru
 (same calibration), and reports WikiText-2 test perplexity (512-token windows) and wall time.
 `--variants` adds ablations: named option sets, e.g. `nodense:redense=False` or
 `l1x4:l1=0.4`. `--ops` also times prox_step against its reference and the Gram path of the
-re-dense phase against the token path on one SmolLM2 layer.
+re-dense phase against the token path on one SmolLM2 layer. `--resume` keeps the rows a killed
+run already wrote to `--json` (same settings) and runs only the missing ones, for the long
+calibration-size runs (e.g. `--nsamples 128`, `--nsamples 512`).
 """
 
 from __future__ import annotations
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "sds.json")
     p.add_argument("--md", type=Path, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --json (made with the same settings) and run only the missing ones; "
+                        "each row records the run (process start) it came from, and time ratios count only within one run")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -177,8 +182,30 @@ def main(argv: list[str] | None = None) -> int:
         validation=args.validation, seed=args.seed,
     )
     rows: list[dict] = []
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if args.resume and args.json.exists():
+        old = json.loads(args.json.read_text())
+        now = json.loads(json.dumps(meta))  # as it would be stored (tuples become lists)
+        differ = sorted(k for k in set(now) | set(old["meta"]) if k != "ops" and now.get(k) != old["meta"].get(k))
+        if differ:
+            raise SystemExit(f"--resume: {args.json} was made with other settings ({', '.join(differ)}); pass another --json")
+        meta, rows = old["meta"], old["rows"]
+        print(f"resuming {args.json}: {len(rows)} row(s) kept", flush=True)
+
+    def key(method: str, pattern: str, options=None) -> str:
+        return json.dumps([method, pattern, options or {}], sort_keys=True, default=str)
+
+    done = {key(r["method"], r["pattern"], r.get("options")) for r in rows}
+
+    def todo(method: str, pattern: str, options=None) -> bool:
+        if key(method, pattern, options) in done:
+            print(f"{method} {pattern} {options or ''}: already in {args.json}", flush=True)
+            return False
+        return True
 
     def save():
+        for r in rows:
+            r.setdefault("run", run)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
 
@@ -200,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["ops"] = ops_bench(model, calib, args.threads, args.ops_samples)
         print(json.dumps(meta["ops"], indent=2), flush=True)
         save()
-    if args.dense:
+    if args.dense and todo("dense", "-"):
         rows.append(dict(method="dense", pattern="-", **scores(model), seconds=0.0))
         print(rows[-1], flush=True)
         save()
@@ -209,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         pattern = pattern.strip()
         spec = float(pattern) if pattern.replace(".", "").isdigit() else pattern
         for pruner in args.pruners.split(","):
-            if not args.no_base:
+            if not args.no_base and todo(pruner, pattern):
                 # the base as a user runs it (all windows, its default statistics, no validation
                 # stream): the time SDS's is compared with; then again with the validation
                 # windows for the error over depth (same weights up to rounding: its H covers
@@ -233,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(rows[-1], flush=True)
                     save()
             for name, fit in (parse_variant(v) for v in args.fit_variants.split(";") if v):
+                if not todo(f"{name}-{pruner}", pattern, fit):
+                    continue
                 model.load_state_dict(fresh)
                 t0 = time.perf_counter()
                 base_val = auto_validation(args.nsamples) if validation == "auto" else validation
@@ -246,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_sds:
                 continue
             for name, opts in variants:
+                if not todo(f"{name}-{pruner}", pattern, opts):
+                    continue
                 model.load_state_dict(fresh)
                 t0 = time.perf_counter()
                 val_opt = validation if args.schedule == "interleaved" else None
