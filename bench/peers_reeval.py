@@ -25,6 +25,7 @@ import sdsx
 from sdsx.data import load_text
 from sdsx.data.calibration import encode
 from sdsx.model.smollm2 import load_smollm2
+from sdsx.pruners.spec import SparsitySpec
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no masks for {r['library']} {r['pattern']} seed {r['seed']}: {masks_path} is missing")
         masks = peers.load_masks(masks_path)
         kept = sum(int(m.sum()) for m in masks.values()) / sum(m.size for m in masks.values())
-        if abs(kept - 0.5) > 0.01:
-            raise SystemExit(f"{masks_path}: keeps {kept:.3f} of the weights, not the pattern's 0.5")
+        expected = 1.0 - SparsitySpec.parse(peers.sdsx_sparsity(r["pattern"])).sparsity
+        if abs(kept - expected) > 0.01:
+            raise SystemExit(f"{masks_path}: keeps {kept:.3f} of the weights, not the pattern's {expected:g}")
         with torch.no_grad():
             for n, m in linears.items():
                 m.weight.copy_(dense[n] * torch.from_numpy(masks[n]))
