@@ -145,11 +145,31 @@ def bench_gram(cols: int, repeats: int, tokens: int = 4096) -> dict:
                 gemm_gflops=2 * tokens * cols * cols / gemm_ms / 1e6)
 
 
+def bench_sq_colsum(cols: int, repeats: int, tokens: int = 512) -> dict:
+    """Wanda's statistics update acc += (X * X).sum(0) for one 512-token window (what a block's
+    hook sees per calibration sequence): the reference expression against the native kernel,
+    interleaved like bench_gram."""
+    g = torch.Generator().manual_seed(cols)
+    X = torch.randn(tokens, cols, generator=g)
+    a_ref, a_ext = torch.zeros(cols), torch.zeros(cols)
+    fns = dict(ref=lambda: ref.sq_colsum_(a_ref, X), ext=lambda: ops.sq_colsum_(a_ext, X))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(10 * repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    ref_ms, ext_ms = (statistics.median(times[k]) for k in ("ref", "ext"))
+    same = bool(torch.allclose(a_ref, a_ext, rtol=1e-5))
+    return dict(op="sq_colsum_", shape=f"{tokens}x{cols} (tokens x in)", ref_ms=ref_ms, ext_ms=ext_ms,
+                speedup=ref_ms / ext_ms, identical_masks=same)
+
+
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Kernel benchmark: {meta['threads']} thread(s), torch {meta['torch']}, {meta['machine']}; "
         "median ms; identical = same mask (bool ops) / same values within 1e-6 (prox_step) / same upper "
-        "triangle within 1e-4 relative (gram_upper_). GFLOP/s: the OBS sweep's r*c^2 flops, or the "
+        "triangle within 1e-4 relative (gram_upper_) / same sums within 1e-5 relative (sq_colsum_). GFLOP/s: the OBS sweep's r*c^2 flops, or the "
         "upper triangle's useful flops for gram_upper_; GEMM: a full GEMM of the same size, same run.",
         "",
         "| op | shape (out x in) | reference ms | compiled reference ms | sdsx ms | speedup | identical | sweep GFLOP/s | GEMM GFLOP/s |",
@@ -203,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['op']:>22} {r['shape']:>10}: ref {r['ref_ms']:9.2f} ms  sdsx {r['ext_ms']:9.2f} ms  {r['speedup']:6.2f}x", flush=True)
             results.extend(res)
         for cols in sorted({c for _, c in SHAPES[group]}) if DEVICE.type == "cpu" else ():
-            r = bench_gram(cols, repeats=args.repeats)
-            r["set"] = group
-            print(f"{r['op']:>22} {cols:>10}: ref {r['ref_ms']:9.2f} ms  sdsx {r['ext_ms']:9.2f} ms  {r['speedup']:6.2f}x", flush=True)
-            results.append(r)
+            for r in (bench_gram(cols, repeats=args.repeats), bench_sq_colsum(cols, repeats=args.repeats)):
+                r["set"] = group
+                print(f"{r['op']:>22} {cols:>10}: ref {r['ref_ms']:9.2f} ms  sdsx {r['ext_ms']:9.2f} ms  {r['speedup']:6.2f}x", flush=True)
+                results.append(r)
     md = to_markdown(results, meta)
     print()
     print(md)

@@ -22,5 +22,8 @@ TORCH_LIBRARY(sdsx, m) {
   // entries below the diagonal are partly updated and must be ignored (CPU only; on other devices
   // the caller does blocked GEMMs).
   m.def("gram_upper_(Tensor(a!) C, Tensor X) -> Tensor(a!)");
+  // In-place acc += sum over tokens of X^2, X (tokens x features) and acc (features) float32: the
+  // Gram's diagonal alone, what Wanda and magnitude-with-activations need (CPU only, like gram_upper_).
+  m.def("sq_colsum_(Tensor(a!) acc, Tensor X) -> Tensor(a!)");
   m.def("prox_step(Tensor Y, Tensor W_prev, Tensor G, float step, float l1, float l2, float momentum, Tensor? mask) -> (Tensor, Tensor)");
 }

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import warnings
 
-OP_NAMES = ("nm_mask", "topk_mask", "obs_sweep", "prox_step", "gram_upper_")
-# The ops with a CUDA kernel in a CUDA build (gram_upper_ is CPU only: on a GPU the library GEMM is it).
+OP_NAMES = ("nm_mask", "topk_mask", "obs_sweep", "prox_step", "gram_upper_", "sq_colsum_")
+# The ops with a CUDA kernel in a CUDA build (gram_upper_ and sq_colsum_ are CPU only: on a GPU the
+# library GEMM and reduction are it).
 CUDA_OP_NAMES = ("nm_mask", "topk_mask", "obs_sweep", "prox_step")
 _REBUILD = "Rebuild it against the torch you run: `pip install --no-build-isolation .` (see the README's Install)."
 _state: dict = {"loaded": None, "error": None, "fatal": None, "build": {}, "warned_cuda": False}

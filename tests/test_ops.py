@@ -88,6 +88,36 @@ def test_topk_mask_ties_keep_lower_index():
     assert torch.equal(ops.nm_mask(q.abs(), 2, 4), ref.nm_mask(q.abs(), 2, 4))
 
 
+
+def _hard_rows(length: int) -> dict[str, torch.Tensor]:
+    """Rows that trouble a quickselect: sorted either way, organ pipe, few values, constant, +-0."""
+    i = torch.arange(length, dtype=torch.float32)
+    g = torch.Generator().manual_seed(length)
+    return {
+        "ascending": i,
+        "descending": i.flip(0),
+        "organ_pipe": torch.minimum(i, length - 1 - i),
+        "few_values": torch.randint(0, 3, (length,), generator=g).float(),
+        "constant": torch.full((length,), 2.5),
+        "signed_zeros": torch.where(torch.rand(length, generator=g) < 0.5, -0.0, 0.0) + (i % 4 == 0) * 1.0,
+        "negative": -torch.rand(length, generator=g),
+        "heavy_tail": torch.rand(length, generator=g) ** 8,
+    }
+
+
+@pytest.mark.parametrize("length", [49, 577, 1536, 8193])
+def test_topk_mask_on_hard_rows_matches_reference(length):
+    """The native selection partitions rows longer than 48 entries (shorter ones go straight to
+    nth_element); every adversarial order and tie pattern must give the reference's exact mask."""
+    rows = _hard_rows(length)
+    batch = torch.stack(list(rows.values()))
+    for sparsity in (0.01, 0.5, 0.77, 0.99):
+        for name, row in rows.items():
+            assert torch.equal(ops.topk_mask(row, sparsity, True), ref.topk_mask(row, sparsity, True)), (name, sparsity)
+        assert torch.equal(ops.topk_mask(batch, sparsity, True), ref.topk_mask(batch, sparsity, True)), sparsity
+        assert torch.equal(ops.topk_mask(batch, sparsity, False), ref.topk_mask(batch, sparsity, False)), sparsity
+
+
 # ---------------------------------------------------------------- obs_sweep
 
 SWEEP_CASES = [
@@ -325,3 +355,31 @@ def test_gram_upper_errors():
         ops.gram_upper_(torch.zeros(4, 4), torch.zeros(5, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="unit column stride"):
         ops.gram_upper_(torch.zeros(4, 4).t(), torch.zeros(5, 4))
+
+
+# ------------------------------------------------------------------------------- sq_colsum_
+@pytest.mark.parametrize("tokens,features", [(1, 1), (5, 7), (63, 100), (65, 511), (300, 513), (4097, 1536)])
+def test_sq_colsum_matches_the_gram_diagonal(tokens, features):
+    """Odd sizes cross the kernel's 64-token partial sums and 512-column blocks."""
+    g = torch.Generator().manual_seed(tokens * features)
+    X = torch.randn(tokens, features, generator=g) * torch.rand(features, generator=g).add(0.1) * 10
+    acc0 = torch.rand(features, generator=g)
+    want = acc0.double() + (X.double() ** 2).sum(0)
+    for fn in (ops.sq_colsum_, ref.sq_colsum_):
+        acc = acc0.clone()
+        assert fn(acc, X) is acc
+        torch.testing.assert_close(acc.double(), want, rtol=1e-6, atol=0)
+
+
+def test_sq_colsum_on_a_non_contiguous_input_and_errors():
+    X = torch.randn(300, 64)
+    acc = torch.zeros(300)
+    ops.sq_colsum_(acc, X.t())  # a transposed view: (64 tokens, 300 features)
+    torch.testing.assert_close(acc, (X.t() ** 2).sum(0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="features"):
+        ops.sq_colsum_(torch.zeros(3), torch.zeros(5, 4))
+    with pytest.raises(TypeError, match="float32"):
+        ops.sq_colsum_(torch.zeros(4), torch.zeros(5, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.sq_colsum_(torch.zeros(4, 2)[:, 0], torch.zeros(5, 4))
+

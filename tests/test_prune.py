@@ -134,6 +134,18 @@ def test_wanda_without_error_uses_diagonal_and_same_mask():
     assert "| - |" in rc.to_markdown() and "not computed" in rc.to_markdown()
 
 
+def test_apply_mask_zeroes_with_positive_zeros_in_the_weight_dtype():
+    from sdsx.pruners.base import apply_mask
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = torch.randn(16, 32).to(dtype)
+        mask = torch.rand(16, 32) < 0.5
+        got = apply_mask(w, mask)
+        assert got.dtype == dtype and torch.equal(got, torch.where(mask, w, torch.zeros_like(w)))
+        assert not bool(torch.signbit(got[~mask]).any())  # -0.0 would differ in the saved bytes
+        assert got.data_ptr() != w.data_ptr()
+
+
 def test_magnitude_needs_no_calibration():
     model = make_tiny("gpt2")
     report = sdsx.prune(model, None, "magnitude", "2:4", progress=False, report_error=False)

@@ -149,4 +149,64 @@ at::Tensor gram_upper_cpu(at::Tensor& C, const at::Tensor& X) {
   return C;
 }
 
+// The Gram's diagonal: acc[j] += sum_t X[t, j]^2, in one streaming pass over X (torch's
+// (X * X).sum(0) writes and rereads a tokens x features temporary). Each column block's sums run in
+// floats over 64 tokens at a time, which vectorize, and those partial sums add up in doubles, so a
+// call's thousands of tokens round about as little as a pairwise sum.
+namespace {
+
+constexpr int64_t kSqCols = 512;  // columns per block: the float and double sums (6 KiB) stay in L1
+constexpr int64_t kSqRows = 64;   // tokens per float partial sum
+
+inline __attribute__((always_inline)) void sq_block_body(const float* x, int64_t T, int64_t ldx, int64_t width, float* acc) {
+  double total[kSqCols];
+  float part[kSqCols];
+  std::fill(total, total + width, 0.0);
+  for (int64_t t0 = 0; t0 < T; t0 += kSqRows) {
+    const int64_t t1 = std::min(T, t0 + kSqRows);
+    std::fill(part, part + width, 0.f);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = x + t * ldx;
+      for (int64_t j = 0; j < width; ++j) part[j] += row[j] * row[j];
+    }
+    for (int64_t j = 0; j < width; ++j) total[j] += part[j];
+  }
+  for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<float>(total[j]);
+}
+
+void sq_block_generic(const float* x, int64_t T, int64_t ldx, int64_t width, float* acc) {
+  sq_block_body(x, T, ldx, width, acc);
+}
+
+#ifdef SDSX_GRAM_X86
+// The same loops compiled for AVX2 (8 floats a step): 2x the SSE2 build's speed on one core.
+__attribute__((target("avx2,fma"))) void sq_block_avx2(const float* x, int64_t T, int64_t ldx, int64_t width, float* acc) {
+  sq_block_body(x, T, ldx, width, acc);
+}
+#endif
+
+}  // namespace
+
+at::Tensor sq_colsum_cpu(at::Tensor& acc, const at::Tensor& X) {
+  TORCH_CHECK(X.dim() == 2 && acc.dim() == 1, "sq_colsum_: X must be (tokens, features) and acc (features,)");
+  const int64_t T = X.size(0), c = X.size(1);
+  TORCH_CHECK(acc.size(0) == c, "sq_colsum_: acc must have ", c, " entries to match X's features");
+  TORCH_CHECK(X.scalar_type() == at::kFloat && acc.scalar_type() == at::kFloat, "sq_colsum_: X and acc must be float32");
+  TORCH_CHECK(acc.is_contiguous(), "sq_colsum_: acc must be contiguous");
+  const at::Tensor Xc = X.contiguous();
+  const float* x = Xc.const_data_ptr<float>();
+  float* a = acc.mutable_data_ptr<float>();
+  auto block = &sq_block_generic;
+#ifdef SDSX_GRAM_X86
+  if (has_avx2_fma()) block = &sq_block_avx2;
+#endif
+  at::parallel_for(0, (c + kSqCols - 1) / kSqCols, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kSqCols;
+      block(x + j0, T, c, std::min(kSqCols, c - j0), a + j0);
+    }
+  });
+  return acc;
+}
+
 }  // namespace sdsx::cpu

@@ -8,6 +8,7 @@
 namespace sdsx::cpu {
 
 at::Tensor gram_upper_cpu(at::Tensor& C, const at::Tensor& X);
+at::Tensor sq_colsum_cpu(at::Tensor& acc, const at::Tensor& X);
 at::Tensor nm_mask_cpu(const at::Tensor& scores, int64_t n, int64_t m);
 at::Tensor topk_mask_cpu(const at::Tensor& scores, double sparsity, bool per_row);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_sweep_cpu(const at::Tensor& W, const at::Tensor& U, double sparsity,

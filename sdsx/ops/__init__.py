@@ -13,7 +13,7 @@ from sdsx import _ext
 from sdsx.numerics import all_finite, exact_fp32
 from sdsx.ops import reference
 
-__all__ = ["gram_upper_", "nm_mask", "topk_mask", "obs_sweep", "prox_step", "reference"]
+__all__ = ["gram_upper_", "sq_colsum_", "nm_mask", "topk_mask", "obs_sweep", "prox_step", "reference"]
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -205,3 +205,28 @@ def gram_upper_(C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     if X.device.type == "cpu" and _native("gram_upper_", X):
         return _call_native("gram_upper_", C, X)
     return reference.gram_upper_(C, X)
+
+
+def sq_colsum_(acc: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """In place ``acc += (X * X).sum(0)``, the diagonal of ``X^T X``; returns ``acc``.
+
+    The statistics of Wanda and activation-scored magnitude need only the Gram's diagonal (the
+    squared input column norms). On the CPU the native kernel streams X once, summing each call's
+    tokens in double precision, instead of writing and rereading the squares; elsewhere, and
+    without the extension, the reference does exactly the expression above.
+
+    Args:
+        acc: (features,) float32, contiguous, updated in place.
+        X: (tokens, features) float32.
+    """
+    if X.dim() != 2 or acc.dim() != 1 or acc.shape[0] != X.shape[1]:
+        raise ValueError(f"need X (tokens, features) and acc (features,), got {tuple(X.shape)} and {tuple(acc.shape)}")
+    if X.dtype != torch.float32 or acc.dtype != torch.float32:
+        raise TypeError(f"X and acc must be float32, got {X.dtype} and {acc.dtype}")
+    if X.device != acc.device:
+        raise ValueError(f"X is on {X.device} but acc is on {acc.device}")
+    if not acc.is_contiguous():
+        raise ValueError("acc must be contiguous")
+    if X.device.type == "cpu" and _native("sq_colsum_", X):
+        return _call_native("sq_colsum_", acc, X)
+    return reference.sq_colsum_(acc, X)

@@ -38,3 +38,8 @@ def register() -> None:
     def _gram_upper_(C, X):
         torch._check(X.dim() == 2 and C.shape == (X.shape[1], X.shape[1]), lambda: "gram_upper_: C must be features x features")
         return C
+
+    @torch.library.register_fake("sdsx::sq_colsum_")
+    def _sq_colsum_(acc, X):
+        torch._check(X.dim() == 2 and acc.shape == (X.shape[1],), lambda: "sq_colsum_: acc must have X's features")
+        return acc

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gram_upper_", "nm_mask", "topk_mask", "obs_sweep", "prox_step"]
+__all__ = ["gram_upper_", "sq_colsum_", "nm_mask", "topk_mask", "obs_sweep", "prox_step"]
 
 #: Row blocks of the blocked upper-triangle Gram update: work (1 + 1/nb) / 2 of the full GEMM.
 #: Measured at 1536 features with 2048-4096-token chunks: 6 blocks 0.63-0.67 s, 4 blocks 0.67-0.78 s,
@@ -126,3 +126,8 @@ def gram_upper_(C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         i1 = min(i0 + step, c)
         C[i0:i1, i0:].addmm_(X[:, i0:i1].t(), X[:, i0:])
     return C
+
+
+def sq_colsum_(acc: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """acc += sum over the tokens (rows) of X^2: the diagonal of X^T X."""
+    return acc.add_((X * X).sum(0))

@@ -17,6 +17,18 @@ class PruneResult(NamedTuple):
     loss: float
 
 
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight`` with the entries where ``mask`` is False set to +0.0, in weight's dtype.
+
+    A multiply by the bool mask, then ``+ 0.0`` so that pruned negative weights are +0.0 and not
+    -0.0 (the bytes a saved checkpoint holds). ``torch.where(mask, weight, 0)`` gives the same
+    values but ran 4-5x slower on one CPU core (1.2 ms against 0.23 ms at 576 x 576): its bool
+    path does not vectorize. The weight must be finite (a pruned Inf would become NaN); the
+    pruners' scores are checked for that before a mask is made.
+    """
+    return (weight * mask).add_(0.0)
+
+
 def reconstruction_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor | None) -> float:
     """Mean squared output error over calibration tokens: tr(D H D^T) with D = W - W_new, H = X X^T / T."""
     if H is None:

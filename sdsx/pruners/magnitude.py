@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sdsx import ops
-from sdsx.pruners.base import PruneResult, reconstruction_error
+from sdsx.pruners.base import PruneResult, apply_mask, reconstruction_error
 from sdsx.pruners.spec import SparsitySpec
 
 
@@ -20,5 +20,5 @@ def magnitude(weight: torch.Tensor, spec: SparsitySpec | str | float, hessian: t
     """Prune the smallest |W| (whole-matrix threshold, or n:m groups along the input dim)."""
     spec = SparsitySpec.parse(spec)
     mask = select_mask(weight.abs(), spec, per_row=False)
-    new = torch.where(mask, weight, torch.zeros_like(weight))
+    new = apply_mask(weight, mask)
     return PruneResult(new, mask, reconstruction_error(weight, new, hessian))

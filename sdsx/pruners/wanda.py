@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sdsx.pruners.base import PruneResult, reconstruction_error
+from sdsx.pruners.base import PruneResult, apply_mask, reconstruction_error
 from sdsx.pruners.magnitude import select_mask
 from sdsx.pruners.spec import SparsitySpec
 
@@ -29,5 +29,5 @@ def wanda(
         raise ValueError(f"input_sq_norms must have shape ({weight.shape[1]},), got {tuple(input_sq_norms.shape)}")
     scores = weight.float().abs() * input_sq_norms.to(weight.device, torch.float32).sqrt().unsqueeze(0)
     mask = select_mask(scores, spec, per_row=True)
-    new = torch.where(mask, weight, torch.zeros_like(weight))
+    new = apply_mask(weight, mask)
     return PruneResult(new, mask, reconstruction_error(weight, new, hessian))

@@ -57,8 +57,7 @@ class GramAccumulator:
         x = x.reshape(-1, self.columns)
         self.tokens += x.shape[0]
         if self.diag_only:
-            x = x.to(device=self.sum.device, dtype=torch.float32)
-            self.sum += (x * x).sum(0)
+            ops.sq_colsum_(self.sum, x.to(device=self.sum.device, dtype=torch.float32))
             return
         if x.shape[0] >= self.chunk_tokens and self._filled == 0:
             self._add_gram(x.to(device=self.sum.device, dtype=torch.float32))
