@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 import sdsx
+from sdsx.data.paths import data_root
 from sdsx.sds import auto_validation
 from sdsx.pruners.sds import SDSOptions, objective, redense, redense_tokens, regularizer_scale
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = data_root() or REPO.parent / "shared" / "data"  # $SDSX_DATA first, like the CLI
 
 
 def _value(text: str):
@@ -106,11 +107,73 @@ def ops_bench(model, calib, threads: int, samples: int = 32) -> dict:
     return out
 
 
+def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
+    """The calibration windows, the validation token stream and the other text's windows.
+
+    Every text that is both a calibration source and an evaluation text (validation, other) is
+    split at 1 - holdout: calibration windows from the head, evaluation from the tail, so that no
+    evaluated token was calibrated on. One text file as --calib is the old protocol exactly (its
+    windows from its head with `seed`, the validation from its tail).
+    """
+    from sdsx.data import load_text
+    from sdsx.data.calibration import _windows, calibration, encode
+    from sdsx.data.sources import SELF, self_calibration, split_count
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def ids_of(path: str) -> torch.Tensor:
+        if path not in cache:
+            cache[path] = encode(tok, load_text(path))
+        return cache[path]
+
+    def same(a: str | None, b: str | None) -> bool:
+        return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+    sources = [] if args.calib == SELF else [s.strip() for s in args.calib.split(",") if s.strip()]
+    val_text = args.val_text or (sources[0] if len(sources) == 1 else str(DATA / "calib" / "sotu_1990_2021.txt"))
+    held_out = args.holdout > 0
+
+    def cut(ids: torch.Tensor) -> int:
+        return int(ids.numel() * (1 - args.holdout))
+
+    if args.calib == SELF:
+        calib = self_calibration(model, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=True)
+    elif not held_out:
+        calib = calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    else:
+        parts = []
+        for i, (src, count) in enumerate(zip(sources, split_count(args.nsamples, len(sources)))):
+            ids = ids_of(src)
+            if same(src, val_text) or same(src, args.other):
+                ids = ids[: cut(ids)]
+            parts.append(_windows(ids, count, args.seqlen, torch.Generator().manual_seed(int(args.seed) + i), src))
+        calib = torch.cat(parts)
+    val_ids = None
+    if held_out:
+        ids = ids_of(val_text)
+        val_ids = ids[cut(ids) :]
+    other_ids, other_tail = None, False
+    if args.other:
+        oids = ids_of(args.other)
+        other_tail = held_out and any(same(src, args.other) for src in sources)
+        if other_tail:
+            oids = oids[cut(oids) :]
+        step = oids.numel() // args.val_windows
+        other_ids = torch.cat([oids[i * step : i * step + args.eval_seqlen] for i in range(args.val_windows)])
+    return calib, val_ids, other_ids, dict(val_text=val_text, other_tail=other_tail)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--patterns", default="2:4,0.5")
     p.add_argument("--pruners", default="sparsegpt,wanda")
-    p.add_argument("--calib", default=str(DATA / "calib" / "sotu_1990_2021.txt"))
+    p.add_argument("--calib", default=str(DATA / "calib" / "sotu_1990_2021.txt"),
+                   help="calibration: a text file, several (a.txt,b.txt: the windows split evenly, source i drawn "
+                        "with seed + i), or `self` (sampled from the dense model, cached). A source that is also "
+                        "the validation or the other text gives windows only from its first 1 - holdout")
+    p.add_argument("--val-text", default=None,
+                   help="the text whose last `holdout` fraction is the validation text (default: --calib when it "
+                        "is one file, else the speeches)")
     p.add_argument("--wikitext", default=str(DATA / "wikitext2" / "wiki.test.raw"))
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
@@ -135,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                         "validation text whose perplexity chooses defaults (0: old protocol, windows from all of it)")
     p.add_argument("--val-windows", type=int, default=32, help="512-token windows of validation perplexity (held-out calib text)")
     p.add_argument("--other", default=str(DATA / "calib" / "brown_corpus.txt"),
-                   help="another text (not the test) scored like the validation text, windows spread evenly over it")
+                   help="another text (not the test) scored like the validation text, windows spread evenly over it "
+                        "(over its last `holdout` fraction when it is also a calibration source)")
+    p.add_argument("--quality-only", action="store_true",
+                   help="skip the base pruner's separate timing run (the evaluated run is timed with its validation "
+                        "stream): for quality comparisons such as the calibration sources")
     p.add_argument("--validation", default="auto", help="sds_prune's held-out calibration sequences (auto, a count, 0)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -145,30 +212,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the rows already in --json (made with the same settings) and run only the missing ones; "
                         "each row records the run (process start) it came from, and time ratios count only within one run")
     args = p.parse_args(argv)
+    if args.quality_only and args.base_time_only:
+        p.error("--quality-only skips the timing run that --base-time-only keeps; pass one of them")
 
     torch.set_num_threads(args.threads)
-    from sdsx.data import calibration, load_text
+    from sdsx.data import load_text
+    from sdsx.data.calibration import encode
     from sdsx.model.smollm2 import load_smollm2
 
     model, tok = load_smollm2()
-    from sdsx.data.calibration import _windows, encode
-
-    if args.holdout > 0:
-        ids = encode(tok, load_text(args.calib))
-        cut = int(ids.numel() * (1 - args.holdout))
-        gen = torch.Generator().manual_seed(int(args.seed))
-        calib = _windows(ids[:cut], args.nsamples, args.seqlen, gen, args.calib)
-        val_ids = ids[cut:]
-    else:
-        calib = calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-        val_ids = None
-    text = load_text(args.wikitext)
-    eval_ids = encode(tok, text)
-    other_ids = None
-    if args.other:
-        oids = encode(tok, load_text(args.other))
-        step = oids.numel() // args.val_windows
-        other_ids = torch.cat([oids[i * step : i * step + args.eval_seqlen] for i in range(args.val_windows)])
+    calib, val_ids, other_ids, sources = build_texts(args, model, tok)
+    eval_ids = encode(tok, load_text(args.wikitext))
     validation = None if args.validation in ("0", "none", "None") else (args.validation if args.validation == "auto" else _value(args.validation))
     base_opts = parse_sets(args.set)
     variants = [] if args.only_variants else [("sds", base_opts)]
@@ -181,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         defaults=SDSOptions().to_dict(), holdout=args.holdout, val_windows=args.val_windows, other=args.other,
         validation=args.validation, seed=args.seed,
     )
+    # keys that older result files lack are written only when they say something new, so that
+    # --resume still accepts those files
+    if sources["val_text"] != args.calib:
+        meta["val_text"] = sources["val_text"]
+    if sources["other_tail"]:
+        meta["other_tail"] = True
+    if args.quality_only:
+        meta["quality_only"] = True
     rows: list[dict] = []
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
     if args.resume and args.json.exists():
@@ -241,10 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                 # stream): the time SDS's is compared with; then again with the validation
                 # windows for the error over depth (same weights up to rounding: its H covers
                 # every window), which is the row evaluated
-                model.load_state_dict(fresh)
-                t0 = time.perf_counter()
-                sdsx.prune(model, calib, pruner, spec, progress=False)
-                plain_seconds = time.perf_counter() - t0
+                plain_seconds = None
+                if not args.quality_only:
+                    model.load_state_dict(fresh)
+                    t0 = time.perf_counter()
+                    sdsx.prune(model, calib, pruner, spec, progress=False)
+                    plain_seconds = time.perf_counter() - t0
                 if args.base_time_only:
                     rows.append(dict(method=pruner, pattern=pattern, plain_seconds=plain_seconds, time_only=True))
                     print(rows[-1], flush=True)
@@ -301,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
-        f"SmolLM2-135M, calibration {meta['nsamples']} x {meta['seqlen']} tokens ({Path(meta['calib']).name}), "
+        f"SmolLM2-135M, calibration {meta['nsamples']} x {meta['seqlen']} tokens ({', '.join(Path(c).name for c in meta['calib'].split(','))}), "
         f"perplexity on {meta['eval']} ({meta['eval_tokens']:,} tokens in {meta['eval_seqlen']}-token windows), "
         f"{meta['threads']} thread(s), schedule {meta['schedule']}",
         "",

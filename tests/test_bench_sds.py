@@ -1,0 +1,76 @@
+"""bench/sds.py's texts: calibration sources, validation and other text kept apart.
+
+The tokenizer here reads numbers, and every text's tokens are its own positions offset by a
+per-text base, so a token id says which text and where it came from."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+PATH = Path(__file__).resolve().parents[1] / "bench" / "sds.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_sds", PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tok(text: str) -> list[int]:
+    return [int(w) for w in text.split()]
+
+
+@pytest.fixture()
+def texts(tmp_path):
+    out = {}
+    for name, base, length in (("speeches", 0, 4000), ("brown", 100_000, 6000), ("wiki", 200_000, 3000)):
+        path = tmp_path / f"{name}.txt"
+        path.write_text(" ".join(str(base + i) for i in range(length)))
+        out[name] = str(path)
+    return out
+
+
+def _args(texts, **kw) -> argparse.Namespace:
+    base = dict(calib=texts["speeches"], val_text=None, other=texts["brown"], holdout=0.15, nsamples=8, seqlen=50,
+                eval_seqlen=20, val_windows=5, seed=0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_one_calibration_file_is_the_old_protocol(bench, texts):
+    from sdsx.data.calibration import _windows
+
+    calib, val, other, info = bench.build_texts(_args(texts), None, _tok)
+    ids = torch.arange(4000)
+    assert torch.equal(calib, _windows(ids[:3400], 8, 50, torch.Generator().manual_seed(0), "x"))
+    assert torch.equal(val, ids[3400:])
+    assert info == dict(val_text=texts["speeches"], other_tail=False)
+    # the other text is not a calibration source: windows spread over all of it
+    assert other.numel() == 5 * 20 and int(other.min()) == 100_000 and int(other.max()) == 100_000 + 4 * 1200 + 19
+
+
+def test_a_source_that_is_also_evaluated_calibrates_on_its_head_only(bench, texts):
+    calib, val, other, info = bench.build_texts(
+        _args(texts, calib=f"{texts['speeches']},{texts['brown']}", val_text=texts["speeches"]), None, _tok
+    )
+    assert calib.shape == (8, 50) and info["other_tail"] and info["val_text"] == texts["speeches"]
+    speech, brown = calib[calib < 100_000], calib[calib >= 100_000]
+    assert speech.numel() == brown.numel() == 4 * 50  # split evenly, in source order
+    assert bool((calib[:4] < 100_000).all()) and bool((calib[4:] >= 100_000).all())
+    assert int(speech.max()) < 3400 and int(brown.max()) < 100_000 + 5100  # heads only
+    assert int(val.min()) == 3400 and int(other.min()) >= 100_000 + 5100  # tails only
+    # Brown alone: the validation text stays the speeches' tail, nothing of it calibrated on
+    calib, val, other, info = bench.build_texts(_args(texts, calib=texts["brown"], val_text=texts["speeches"]), None, _tok)
+    assert bool((calib >= 100_000).all()) and int(calib.max()) < 100_000 + 5100
+    assert int(val.min()) == 3400 and info["other_tail"]
+
+
+def test_quality_only_and_base_time_only_exclude_each_other(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--quality-only", "--base-time-only"])
