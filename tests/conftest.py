@@ -13,6 +13,15 @@ VOCAB = 128
 HIDDEN = 64
 
 
+def load_bench(name: str):
+    """bench/<name>.py imported as a module (bench/ is not a package), for its pure helpers."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     """Two safetensors files of a model's weights hold the same tensors, bit for bit."""
     from safetensors.torch import load_file

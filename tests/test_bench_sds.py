@@ -6,21 +6,15 @@ per-text base, so a token id says which text and where it came from."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-
-PATH = Path(__file__).resolve().parents[1] / "bench" / "sds.py"
-
+from conftest import load_bench
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sds", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("sds")
 
 
 def _tok(text: str) -> list[int]:
