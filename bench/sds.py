@@ -10,14 +10,18 @@ For every pruner x pattern it prunes a fresh copy of the model with the base pru
 `l1x4:l1=0.4`. `--ops` also times prox_step against its reference and the Gram path of the
 re-dense phase against the token path on one SmolLM2 layer. `--resume` keeps the rows a killed
 run already wrote to `--json` (same settings) and runs only the missing ones, for the long
-calibration-size runs (e.g. `--nsamples 128`, `--nsamples 512`).
+calibration-size runs (e.g. `--nsamples 128`, `--nsamples 512`); with `--checkpoint-root` a killed
+run also goes on inside the row it was in (sdsx's block checkpoints), not only from the next row.
+`--calib a.txt,b.txt` or `--calib self` compares calibration sources (`--quality-only`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -208,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "sds.json")
     p.add_argument("--md", type=Path, default=None)
+    p.add_argument("--checkpoint-root", type=Path, default=None,
+                   help="checkpoint every evaluated pruning run block by block under this folder (one subfolder per "
+                        "row and settings, removed when the row is saved), so that a killed run goes on inside the row "
+                        "it was in; such a row's seconds then count only the last attempt (it records resumed=true)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --json (made with the same settings) and run only the missing ones; "
                         "each row records the run (process start) it came from, and time ratios count only within one run")
@@ -258,6 +266,23 @@ def main(argv: list[str] | None = None) -> int:
         return json.dumps([method, pattern, options or {}], sort_keys=True, default=str)
 
     done = {key(r["method"], r["pattern"], r.get("options")) for r in rows}
+    settings = json.dumps({k: v for k, v in meta.items() if k != "ops"}, sort_keys=True, default=str)
+
+    def checkpoint(method: str, pattern: str, options=None) -> dict:
+        """sdsx's checkpoint_dir for a row (empty without --checkpoint-root), and whether it resumes."""
+        if args.checkpoint_root is None:
+            return {}
+        digest = hashlib.sha256((settings + key(method, pattern, options)).encode()).hexdigest()[:16]
+        folder = args.checkpoint_root / f"{method}-{pattern.replace(':', '_')}-{digest}"
+        resumed = folder.exists() and any(folder.iterdir())
+        if resumed:
+            print(f"{method} {pattern}: going on from the checkpoint {folder}", flush=True)
+        return dict(checkpoint_dir=folder, resumed=resumed)
+
+    def release(ckpt: dict) -> None:
+        """Remove the checkpoint of a row once the row is saved."""
+        if ckpt:
+            shutil.rmtree(ckpt["checkpoint_dir"], ignore_errors=True)
 
     def todo(method: str, pattern: str, options=None) -> bool:
         if key(method, pattern, options) in done:
@@ -315,14 +340,18 @@ def main(argv: list[str] | None = None) -> int:
                     save()
                 else:
                     model.load_state_dict(fresh)
+                    ckpt = checkpoint(pruner, pattern)
                     t0 = time.perf_counter()
                     base_val = auto_validation(args.nsamples) if validation == "auto" else validation
-                    rep = sdsx.prune(model, calib, pruner, spec, progress=False, validation=base_val)
+                    rep = sdsx.prune(model, calib, pruner, spec, progress=False, validation=base_val,
+                                     checkpoint_dir=ckpt.get("checkpoint_dir"))
                     seconds = time.perf_counter() - t0  # pruning only, not the evaluation
                     rows.append(dict(method=pruner, pattern=pattern, **scores(model), seconds=seconds, plain_seconds=plain_seconds,
-                                     forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error, blocks=rep.blocks))
+                                     forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s, error=rep.total_error,
+                                     blocks=rep.blocks, **({"resumed": ckpt["resumed"]} if ckpt else {})))
                     print(rows[-1], flush=True)
                     save()
+                    release(ckpt)
             for name, fit in (parse_variant(v) for v in args.fit_variants.split(";") if v):
                 if not todo(f"{name}-{pruner}", pattern, fit):
                     continue
@@ -342,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not todo(f"{name}-{pruner}", pattern, opts):
                     continue
                 model.load_state_dict(fresh)
+                ckpt = checkpoint(f"{name}-{pruner}", pattern, opts)
                 t0 = time.perf_counter()
                 val_opt = validation if args.schedule == "interleaved" else None
-                rep = sdsx.sds_prune(model, calib, spec, pruner, schedule=args.schedule, progress=False, validation=val_opt, **opts)
+                rep = sdsx.sds_prune(model, calib, spec, pruner, schedule=args.schedule, progress=False, validation=val_opt,
+                                     checkpoint_dir=ckpt.get("checkpoint_dir"), **opts)
                 seconds = time.perf_counter() - t0
                 agree = [e["mask_agreement"] for e in rep.phase_errors.values() if "mask_agreement" in e]
                 rows.append(dict(method=f"{name}-{pruner}", pattern=pattern, options=opts, **scores(model),
@@ -353,9 +384,10 @@ def main(argv: list[str] | None = None) -> int:
                                  kept_phase1=len(rep.kept_phase1), layers=len(rep.phase_errors), passes=rep.passes,
                                  kept_blocks=rep.kept_blocks, blocks=rep.blocks, fits=rep.fits,
                                  mask_agreement=sum(agree) / len(agree) if agree else None,
-                                 phase_errors=rep.phase_errors))
+                                 phase_errors=rep.phase_errors, **({"resumed": ckpt["resumed"]} if ckpt else {})))
                 print({k: v for k, v in rows[-1].items()}, flush=True)
                 save()
+                release(ckpt)
     md = to_markdown(meta, rows)
     print(md)
     if args.md:
