@@ -27,7 +27,7 @@ import torch
 
 from sdsx import ops
 from sdsx.numerics import exact_fp32
-from sdsx.pruners.base import PruneResult, reconstruction_error
+from sdsx.pruners.base import PruneResult, apply_mask, reconstruction_error
 from sdsx.pruners.blockfit import BlockFitOptions
 from sdsx.pruners.magnitude import magnitude, select_mask
 from sdsx.pruners.sparsegpt import FactorCache, sparsegpt
@@ -314,7 +314,9 @@ def adjust(
         Z, _ = ops.prox_step(W, W, G, step, 0.0, 0.0, 0.0, None if reselect else mask)
         if reselect:
             mask = select_mask(Z.abs() if scale is None else Z.abs() * scale, spec, per_row=False)
-        W = torch.where(mask, Z, torch.zeros_like(Z))
+            W = apply_mask(Z, mask)
+        else:
+            W = Z  # prox_step projected onto the fixed mask: the pruned entries are already zero
         best.offer(W, mask)
     return best.result(W, mask)
 
