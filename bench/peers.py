@@ -207,6 +207,35 @@ def fmt_mean_sd(values: list[float], digits: int = 2, pct: bool = False) -> str:
     return f(m) if s is None else f"{f(m)} ± {f(s)}"
 
 
+def supersede(state: dict[str, Any], selectors: list[str], why: str) -> int:
+    """Move the rows (and mask agreements) that ``selectors`` name into ``state["superseded"]``, so
+    that the run does them again; returns how many rows moved.
+
+    A selector is a method ("wanda") or a method and a pattern ("wanda:0.5", "wanda:2:4"). The old
+    rows stay in the file, each with ``why`` (e.g. the commit that changed the code), and leave
+    the tables and ratios.
+    """
+
+    def same_pattern(a: str, b: str) -> bool:
+        return a == b if ":" in a or ":" in b else float(a) == float(b)
+
+    def named(item: dict) -> bool:
+        for sel in selectors:
+            method, _, pattern = sel.partition(":")
+            if item["method"] == method and (not pattern or same_pattern(str(item["pattern"]), pattern)):
+                return True
+        return False
+
+    moved = [r for r in state["rows"] if named(r)]
+    old_agreement = [a for a in state["agreement"] if named(a)]
+    state["rows"][:] = [r for r in state["rows"] if not named(r)]
+    state["agreement"][:] = [a for a in state["agreement"] if not named(a)]
+    store = state.setdefault("superseded", [])
+    store.extend(dict(r, superseded=why) for r in moved)
+    store.extend(dict(a, kind="agreement", superseded=why) for a in old_agreement)
+    return len(moved)
+
+
 def ok_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("status") == "ok"]
 
@@ -582,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sparsegpt,wanda")
     p.add_argument("--patterns", default="2:4,0.5")
+    p.add_argument("--redo", default="",
+                   help="comma list of method or method:pattern (wanda, wanda:0.5) whose rows in --json run again: the old "
+                        "rows move to the JSON's `superseded` list with the commit that replaced them")
     p.add_argument("--seeds", default="0,1,2", help="calibration seeds (the windows differ per seed, both libraries get the same)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
@@ -640,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
         if differs:
             raise SystemExit(f"{args.json} holds runs made with other settings ({', '.join(f'{k}: {old[k]!r} there, {settings[k]!r} now' for k in differs)}); "
                              "give another --json, or the same settings to continue it")
+        if args.redo:
+            why = f"rerun by bench {_git_rev(REPO)} (--redo {args.redo})"
+            print(f"--redo {args.redo}: {supersede(state, parse_list(args.redo), why)} row(s) moved to superseded", flush=True)
         print(f"resuming {args.json}: {len(ok_rows(state['rows']))} rows done", flush=True)
     meta, rows, agreement = state["meta"], state["rows"], state["agreement"]
     peer = {"available": False, "reason": "--no-peer"} if args.no_peer else probe_peer(args.peer_python)
@@ -715,7 +750,8 @@ def main(argv: list[str] | None = None) -> int:
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
-        row: dict[str, Any] = dict(library=lib, method=method, pattern=pattern, seed=seed, process_wall_s=time.perf_counter() - t0)
+        row: dict[str, Any] = dict(library=lib, method=method, pattern=pattern, seed=seed, process_wall_s=time.perf_counter() - t0,
+                                   bench_git=meta["bench_git"], sdsx_git=meta["sdsx"]["git"])
         rows[:] = [r for r in rows if run_key(r["library"], r["method"], r["pattern"], r["seed"]) != key]
         if rc != 0 or not Path(spec["result_path"]).exists():
             tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]

@@ -162,3 +162,19 @@ def test_run_as_a_script_bench_does_not_shadow_installed_packages(monkeypatch):
     importlib.invalidate_caches()
     found = importlib.util.find_spec("kernels")
     assert found is None or Path(found.origin).parent != PATH.parent
+
+
+def test_redo_moves_the_named_rows_and_agreements_to_superseded(peers):
+    def row(method, pattern, seed, lib="sdsx"):
+        return dict(library=lib, method=method, pattern=pattern, seed=seed, status="ok")
+
+    state = dict(
+        rows=[row("wanda", "2:4", 0), row("wanda", "0.5", 0), row("wanda", "0.5", 0, "llmcompressor"), row("sparsegpt", "0.5", 0)],
+        agreement=[dict(method="wanda", pattern="0.5", seed=0), dict(method="sparsegpt", pattern="0.5", seed=0)],
+    )
+    assert peers.supersede(state, ["wanda:0.50"], "new select") == 2
+    assert [(r["method"], r["pattern"]) for r in state["rows"]] == [("wanda", "2:4"), ("sparsegpt", "0.5")]
+    assert state["agreement"] == [dict(method="sparsegpt", pattern="0.5", seed=0)]
+    assert len(state["superseded"]) == 3 and all(x["superseded"] == "new select" for x in state["superseded"])
+    assert peers.supersede(state, ["wanda:2:4"], "again") == 1 and peers.supersede(state, ["sparsegpt"], "x") == 1
+    assert state["rows"] == [] and peers.supersede(state, ["magnitude"], "none") == 0
