@@ -6,6 +6,7 @@ per-text base, so a token id says which text and where it came from."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,28 @@ def test_a_source_that_is_also_evaluated_calibrates_on_its_head_only(bench, text
 def test_quality_only_and_base_time_only_exclude_each_other(bench):
     with pytest.raises(SystemExit):
         bench.main(["--quality-only", "--base-time-only"])
+
+
+def test_calibration_table_groups_by_source_and_size_and_skips_time_only_rows(tmp_path):
+    calib = load_bench("sds_calib")
+    assert calib.source_label("/d/calib/sotu_1990_2021.txt") == "speeches" and calib.source_label("self") == "self-generated"
+    assert calib.source_label("/d/sotu_1990_2021.txt,/d/brown_corpus.txt") == "mixed (speeches + Brown)"
+
+    def write(name, calib_value, nsamples, rows, **meta):
+        path = tmp_path / name
+        path.write_text(json.dumps(dict(meta=dict(calib=calib_value, nsamples=nsamples, seqlen=512, **meta), rows=rows)))
+        return path
+
+    base = dict(method="wanda", pattern="2:4", ppl_val=100.0, ppl_other=200.0, ppl=150.0)
+    files = [
+        write("a.json", "/d/sotu.txt", 32, [base, dict(method="sds-wanda", pattern="2:4", options={}, ppl_val=50.0, ppl_other=100.0, ppl=120.0)]),
+        write("b.json", "/d/sotu.txt", 32, [dict(method="wanda", pattern="2:4", plain_seconds=1.0, time_only=True),
+                                           dict(method="sds-wanda", pattern="2:4", options={"l1": 0}, ppl=1.0)]),
+        write("c.json", "/d/brown_corpus.txt", 32, [dict(base, ppl=90.0)], other_tail=True),
+    ]
+    groups = calib.collect(files)
+    assert set(groups) == {("speeches", 16384, "2:4"), ("Brown", 16384, "2:4")}
+    assert groups[("speeches", 16384, "2:4")]["sds-wanda"]["ppl"] == 120.0  # the ablation row is not SDS's default
+    md = calib.to_markdown(groups)
+    assert "| 120.00 (-20.0%) |" in md and "| 90.00 |" in md
+    assert "| speeches | 16,384 | 2:4 | Wanda | 100.00 | 200.00 |" in md and "| Brown | 16,384 | 2:4 | Wanda | 100.00 | 200.00* |" in md
