@@ -120,8 +120,8 @@ def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, to
     windows from its head with `seed`, the validation from its tail).
     """
     from sdsx.data import load_text
-    from sdsx.data.calibration import _windows, calibration, encode
-    from sdsx.data.sources import SELF, self_calibration, split_count
+    from sdsx.data.calibration import _windows, encode
+    from sdsx.data.sources import SELF, calibration_from, split_count
 
     cache: dict[str, torch.Tensor] = {}
 
@@ -140,10 +140,9 @@ def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, to
     def cut(ids: torch.Tensor) -> int:
         return int(ids.numel() * (1 - args.holdout))
 
-    if args.calib == SELF:
-        calib = self_calibration(model, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=True)
-    elif not held_out:
-        calib = calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    if args.calib == SELF or not held_out:
+        # nothing to keep apart: the library's own reading of a --calib string (self, a,b or one file)
+        calib = calibration_from(args.calib, tok, model=model, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     else:
         parts = []
         for i, (src, count) in enumerate(zip(sources, split_count(args.nsamples, len(sources)))):

@@ -94,3 +94,12 @@ def test_calibration_table_groups_by_source_and_size_and_skips_time_only_rows(tm
     md = calib.to_markdown(groups)
     assert "| 120.00 (-20.0%) |" in md and "| 90.00 |" in md
     assert "| speeches | 16,384 | 2:4 | Wanda | 100.00 | 200.00 |" in md and "| Brown | 16,384 | 2:4 | Wanda | 100.00 | 200.00* |" in md
+
+
+def test_without_a_holdout_the_library_reads_the_calibration_string(bench, texts):
+    from sdsx.data.sources import calibration_from
+
+    args = _args(texts, calib=f"{texts['speeches']},{texts['brown']}", holdout=0.0, other=None)
+    calib, val, other, _ = bench.build_texts(args, None, _tok)
+    assert val is None and other is None
+    assert torch.equal(calib, calibration_from(args.calib, _tok, nsamples=8, seqlen=50, seed=0))

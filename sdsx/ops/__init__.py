@@ -211,8 +211,8 @@ def sq_colsum_(acc: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """In place ``acc += (X * X).sum(0)``, the diagonal of ``X^T X``; returns ``acc``.
 
     The statistics of Wanda and activation-scored magnitude need only the Gram's diagonal (the
-    squared input column norms). On the CPU the native kernel streams X once, summing each call's
-    tokens in double precision, instead of writing and rereading the squares; elsewhere, and
+    squared input column norms). On the CPU the native kernel streams X once (float sums over 64
+    tokens, added up in doubles) instead of writing and rereading the squares; elsewhere, and
     without the extension, the reference does exactly the expression above.
 
     Args:
