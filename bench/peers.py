@@ -646,8 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import sdsx
     from sdsx.data import load_text
-    from sdsx.data.bos import bos_id, with_bos
-    from sdsx.data.calibration import _windows, encode
+    from sdsx.data.calibration import encode
     from sdsx.data.paths import cache_root
     from sdsx.model.smollm2 import default_cache_dir, load_smollm2
     from safetensors.torch import load_file
@@ -711,12 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     dense = {n: sd[n].clone() for n in linear_names}
 
     # the calibration windows of every seed, made once here and fed to both libraries
-    ids = encode(tok, load_text(args.calib), special_tokens=bos_id(tok) is None)
-    cut = int(ids.numel() * (1 - args.holdout)) if args.holdout > 0 else ids.numel()
-    width = args.seqlen - (bos_id(tok) is not None)
     calib_paths, digests = {}, meta.setdefault("calibration", {})
     for seed in seeds:
-        windows = with_bos(_windows(ids[:cut], args.nsamples, width, torch.Generator().manual_seed(seed), args.calib), bos_id(tok))
+        windows = sdsx.calibration(args.calib, tok, args.nsamples, args.seqlen, seed, holdout=max(args.holdout, 0.0))
         path = work / f"calib_n{args.nsamples}_l{args.seqlen}_h{args.holdout}_s{seed}.pt"
         torch.save(windows, path)
         calib_paths[seed] = path

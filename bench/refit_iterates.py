@@ -20,8 +20,6 @@ import torch
 
 import sdsx
 import sdsx.pruners.sds as sds_mod
-from sdsx.data import load_text
-from sdsx.data.calibration import _windows, encode
 from sdsx.model.smollm2 import load_smollm2
 from sdsx.pruners.base import reconstruction_error
 
@@ -43,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     model, tok = load_smollm2()
-    ids = encode(tok, load_text(args.calib))
-    cut = int(ids.numel() * (1 - args.holdout))
-    calib = _windows(ids[:cut], args.nsamples, args.seqlen, torch.Generator().manual_seed(args.seed), args.calib)
+    # bench/sds.py's windows: one token stream, no BOS per window
+    calib = sdsx.calibration(args.calib, tok, args.nsamples, args.seqlen, args.seed, bos="never", holdout=args.holdout)
 
     real = sds_mod.refit
     curves: list[list[float]] = []

@@ -119,48 +119,32 @@ def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, to
     evaluated token was calibrated on. One text file as --calib is the old protocol exactly (its
     windows from its head with `seed`, the validation from its tail).
     """
-    from sdsx.data import load_text
-    from sdsx.data.calibration import _windows, encode
-    from sdsx.data.sources import SELF, calibration_from, split_count
-
-    cache: dict[str, torch.Tensor] = {}
-
-    def ids_of(path: str) -> torch.Tensor:
-        if path not in cache:
-            cache[path] = encode(tok, load_text(path))
-        return cache[path]
+    from sdsx.data.calibration import encode, held_out
+    from sdsx.data.sources import SELF, calibration_from, mixed_calibration
 
     def same(a: str | None, b: str | None) -> bool:
         return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
     sources = [] if args.calib == SELF else [s.strip() for s in args.calib.split(",") if s.strip()]
     val_text = args.val_text or (sources[0] if len(sources) == 1 else str(DATA / "calib" / "sotu_1990_2021.txt"))
-    held_out = args.holdout > 0
-
-    def cut(ids: torch.Tensor) -> int:
-        return int(ids.numel() * (1 - args.holdout))
-
-    if args.calib == SELF or not held_out:
+    held = args.holdout > 0
+    if args.calib == SELF or not held:
         # nothing to keep apart: the library's own reading of a --calib string (self, a,b or one file)
         calib = calibration_from(args.calib, tok, model=model, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     else:
-        parts = []
-        for i, (src, count) in enumerate(zip(sources, split_count(args.nsamples, len(sources)))):
-            ids = ids_of(src)
-            if same(src, val_text) or same(src, args.other):
-                ids = ids[: cut(ids)]
-            parts.append(_windows(ids, count, args.seqlen, torch.Generator().manual_seed(int(args.seed) + i), src))
-        calib = torch.cat(parts)
-    val_ids = None
-    if held_out:
-        ids = ids_of(val_text)
-        val_ids = ids[cut(ids) :]
+        # the old protocol's windows: one token stream, no BOS per window (bos="never")
+        cut = [args.holdout if same(src, val_text) or same(src, args.other) else 0.0 for src in sources]
+        calib = mixed_calibration(sources, tok, args.nsamples, args.seqlen, args.seed, bos="never", holdout=cut)
+    val_ids = held_out(val_text, tok, args.holdout, bos="never") if held else None
     other_ids, other_tail = None, False
     if args.other:
-        oids = ids_of(args.other)
-        other_tail = held_out and any(same(src, args.other) for src in sources)
+        other_tail = held and any(same(src, args.other) for src in sources)
         if other_tail:
-            oids = oids[cut(oids) :]
+            oids = held_out(args.other, tok, args.holdout, bos="never")
+        else:
+            from sdsx.data import load_text
+
+            oids = encode(tok, load_text(args.other))
         step = oids.numel() // args.val_windows
         other_ids = torch.cat([oids[i * step : i * step + args.eval_seqlen] for i in range(args.val_windows)])
     return calib, val_ids, other_ids, dict(val_text=val_text, other_tail=other_tail)

@@ -72,3 +72,37 @@ def test_self_calibration_without_bos_and_errors():
         calibration_from("self", _tok, None, nsamples=2, seqlen=6)
     with pytest.raises(ValueError, match="temperature"):
         self_calibration(model, None, nsamples=2, seqlen=6, temperature=0, cache=False)
+
+
+def _positions(text: str) -> list[int]:
+    """Token i is i: a window's ids say where in the text it was cut."""
+    return list(range(len(text)))
+
+
+def test_holdout_keeps_windows_off_the_tail_that_held_out_returns(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("x" * 1000)
+    ids = sdsx.calibration(a, _positions, nsamples=200, seqlen=10, seed=0, holdout=0.25)
+    assert int(ids.max()) < 750  # no window reaches into the last 25%
+    assert int(ids.max()) > 700  # and the head is used up to its end
+    tail = sdsx.data.held_out(a, _positions, 0.25)
+    assert torch.equal(tail, torch.arange(750, 1000))
+    # holdout=0 is the plain protocol, whatever the seed
+    assert torch.equal(sdsx.calibration(a, _positions, 5, 10, seed=2, holdout=0.0), sdsx.calibration(a, _positions, 5, 10, seed=2))
+    for bad in (-0.1, 1.0, "0.2"):
+        with pytest.raises(ValueError, match="holdout"):
+            sdsx.calibration(a, _positions, 5, 10, holdout=bad)
+    with pytest.raises(ValueError, match="holdout > 0"):
+        sdsx.data.held_out(a, _positions, 0.0)
+    with pytest.raises(ValueError, match="first 10% of"):
+        sdsx.calibration(a, _positions, 5, 200, holdout=0.9)  # 100 head tokens for a 200-token window
+
+
+def test_mixed_holdout_per_source(tmp_path):
+    a, b = _files(tmp_path)
+    ids = mixed_calibration([a, b], _positions, nsamples=40, seqlen=8, seed=3, holdout=[0.5, 0.0])
+    assert torch.equal(ids[:20], sdsx.calibration(a, _positions, 20, 8, seed=3, holdout=0.5))
+    assert torch.equal(ids[20:], sdsx.calibration(b, _positions, 20, 8, seed=4))
+    assert int(ids[:20].max()) < len(a.read_text()) // 2
+    with pytest.raises(ValueError, match="one per source"):
+        mixed_calibration([a, b], _positions, nsamples=4, seqlen=8, holdout=[0.1])

@@ -15,7 +15,7 @@ from sdsx.data.text import HUB_DATASETS, hub_rows, join_rows, read_local
 
 log = logging.getLogger("sdsx")
 
-__all__ = ["calibration", "encode"]
+__all__ = ["calibration", "encode", "held_out"]
 
 
 def encode(tokenizer: Any, text: str, special_tokens: bool = True) -> torch.Tensor:
@@ -69,6 +69,38 @@ def _c4_windows(tokenizer: Any, nsamples: int, width: int, generator: torch.Gene
     return torch.stack(out)
 
 
+def _source_text(source: "str | os.PathLike | Iterable[str]") -> tuple[str | None, str]:
+    """The one text a calibration source names and a label for messages; ``None`` for C4 (documents)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_file():
+            return read_local(path)[0], str(path)
+        name = str(source).lower()
+        if name in HUB_DATASETS:
+            if name == "c4":
+                return None, "c4 (train)"
+            return join_rows(hub_rows(name, HUB_DATASETS[name][2]), " " if name == "ptb" else "\n\n"), f"{name} (train)"
+        raise FileNotFoundError(
+            f"calibration source {str(source)!r} is neither an existing file nor a known dataset "
+            f"name ({', '.join(sorted(HUB_DATASETS))})"
+        )
+    rows = list(source)
+    if not all(isinstance(r, str) for r in rows):
+        raise TypeError("an iterable calibration source must yield strings")
+    return join_rows(rows), "the given text"
+
+
+def _check_holdout(holdout: float) -> float:
+    if not isinstance(holdout, (int, float)) or not 0.0 <= float(holdout) < 1.0:
+        raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+    return float(holdout)
+
+
+def _cut(ids: torch.Tensor, holdout: float) -> int:
+    """Where the held-out tail of a token stream starts: windows come from ``ids[:cut]``."""
+    return int(ids.numel() * (1 - holdout))
+
+
 def calibration(
     source: "str | os.PathLike | Iterable[str]",
     tokenizer: Any,
@@ -76,6 +108,7 @@ def calibration(
     seqlen: int = 2048,
     seed: int = 0,
     bos: str = "auto",
+    holdout: float = 0.0,
 ) -> torch.Tensor:
     """Sample ``nsamples`` windows of ``seqlen`` tokens from a text source, reproducibly.
 
@@ -91,44 +124,50 @@ def calibration(
             token when the tokenizer starts texts with it (a window is then BOS + seqlen - 1 text
             tokens, the text tokenized without special tokens); "always" does so for any tokenizer;
             "never" cuts windows from one token stream (the published SparseGPT/Wanda protocol).
+        holdout: the fraction at the end of the text's token stream that no window touches, kept
+            for validation (:func:`held_out` returns that tail); 0 (default) uses all of it. Not
+            for C4, whose windows come from random documents.
     Returns:
         LongTensor (nsamples, seqlen).
     Raises:
-        ValueError: the text has fewer than ``seqlen`` tokens (the message says how many).
+        ValueError: the text (its head, with a holdout) has fewer than ``seqlen`` tokens (the
+            message says how many).
     """
     if not isinstance(nsamples, int) or nsamples < 1:
         raise ValueError(f"nsamples must be a positive int, got {nsamples!r}")
     if not isinstance(seqlen, int) or seqlen < 1:
         raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
+    holdout = _check_holdout(holdout)
     token = bos_id(tokenizer, bos)
     if token is not None and seqlen < 2:
         raise ValueError(f"a window that starts with BOS needs seqlen >= 2, got {seqlen}; or pass bos='never'")
     width = seqlen - (token is not None)
     generator = torch.Generator().manual_seed(int(seed))
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_file():
-            text = read_local(path)[0]
-            what = str(path)
-        elif str(source).lower() in HUB_DATASETS:
-            name = str(source).lower()
-            if name == "c4":
-                return with_bos(_c4_windows(tokenizer, nsamples, width, generator, token is None), token)
-            rows = hub_rows(name, HUB_DATASETS[name][2])
-            text = join_rows(rows, " " if name == "ptb" else "\n\n")
-            what = f"{name} (train)"
-        else:
-            raise FileNotFoundError(
-                f"calibration source {str(source)!r} is neither an existing file nor a known dataset "
-                f"name ({', '.join(sorted(HUB_DATASETS))})"
-            )
-    else:
-        rows = list(source)
-        if not all(isinstance(r, str) for r in rows):
-            raise TypeError("an iterable calibration source must yield strings")
-        text = join_rows(rows)
-        what = "the given text"
+    text, what = _source_text(source)
+    if text is None:
+        if holdout:
+            raise ValueError("C4 calibration draws random documents and has no held-out tail: pass holdout=0")
+        return with_bos(_c4_windows(tokenizer, nsamples, width, generator, token is None), token)
     if not text.strip():
         raise ValueError(f"not enough calibration text: {what} is empty (0 tokens; need at least {seqlen})")
     ids = encode(tokenizer, text, special_tokens=token is None)
+    if holdout:
+        ids, what = ids[: _cut(ids, holdout)], f"the first {1 - holdout:.0%} of {what}"
     return with_bos(_windows(ids, nsamples, width, generator, what), token)
+
+
+def held_out(source: "str | os.PathLike | Iterable[str]", tokenizer: Any, holdout: float, bos: str = "auto") -> torch.Tensor:
+    """The token stream :func:`calibration` with this ``holdout`` and ``bos`` never draws from.
+
+    The last ``holdout`` fraction of the source's tokens (1-D LongTensor), tokenized exactly as the
+    calibration windows are, so that calibrating on the head and scoring on this tail (for
+    example with :func:`sdsx.perplexity`) never evaluates a calibrated token.
+    """
+    holdout = _check_holdout(holdout)
+    if holdout == 0:
+        raise ValueError("held_out needs holdout > 0 (with 0 every token may be calibrated on)")
+    text, what = _source_text(source)
+    if text is None:
+        raise ValueError("C4 calibration draws random documents and has no held-out tail")
+    ids = encode(tokenizer, text, special_tokens=bos_id(tokenizer, bos) is None)
+    return ids[_cut(ids, holdout) :]

@@ -40,12 +40,14 @@ def split_count(total: int, parts: int) -> list[int]:
 
 def mixed_calibration(
     sources: Sequence["str | os.PathLike"], tokenizer: Any, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-    bos: str = "auto",
+    bos: str = "auto", holdout: "float | Sequence[float]" = 0.0,
 ) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` tokens drawn from several sources, as evenly as possible.
 
     Each source gets its own seed (``seed`` plus its position), so adding a source does not change
     what the others contribute; ``bos`` is how every window starts (see :func:`sdsx.calibration`).
+    ``holdout`` keeps the last fraction of each source out of its windows (one fraction for all,
+    or one per source, e.g. only for the source whose tail is the validation text).
     Raises ValueError when there are more sources than windows.
     """
     sources = list(sources)
@@ -53,9 +55,12 @@ def mixed_calibration(
         raise ValueError("mixed calibration needs at least one source")
     if nsamples < len(sources):
         raise ValueError(f"{len(sources)} calibration sources need at least {len(sources)} windows, got nsamples={nsamples}")
+    holdouts = [holdout] * len(sources) if isinstance(holdout, (int, float)) else list(holdout)
+    if len(holdouts) != len(sources):
+        raise ValueError(f"holdout has {len(holdouts)} fractions for {len(sources)} sources: give one, or one per source")
     parts = [
-        calibration(src, tokenizer, nsamples=count, seqlen=seqlen, seed=seed + i, bos=bos)
-        for i, (src, count) in enumerate(zip(sources, split_count(nsamples, len(sources))))
+        calibration(src, tokenizer, nsamples=count, seqlen=seqlen, seed=seed + i, bos=bos, holdout=h)
+        for i, (src, count, h) in enumerate(zip(sources, split_count(nsamples, len(sources)), holdouts))
     ]
     return torch.cat(parts)
 
