@@ -5,6 +5,9 @@ pruner's from the same calibration (the same seed and pattern), with the relativ
 
 Rows of the same (seed, pattern, method) from several files are all listed (they are repeats);
 the base of a row is the first base row of its seed and pattern, preferring one from its own file.
+`--seeds` adds a summary over calibration seeds: for every pattern and base pruner, the default
+SDS's change against its base per seed (paired: the same windows) and its mean and sample SD (the
+last default-SDS row of a seed counts, in the order the files are given).
 Time ratios are given only against a base of the same file (measured side by side in one run):
 against the base row's own run (with the validation windows) and, where the file has it, against
 the base as a user runs it by default (``plain_seconds``: all windows, no validation stream).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 METRICS = (("ppl_val", "validation"), ("ppl_other", "Brown"), ("ppl", "WikiText-2"))
@@ -66,12 +70,72 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Per (pattern, pruner): the default SDS against its base, paired per seed, over the seeds."""
+    latest: dict[tuple, dict] = {}
+    for r in rows:  # the last default-SDS row of each (pattern, method, seed)
+        if r["method"].startswith("sds-") and not r.get("options") and "ppl" in r:
+            latest[(str(r["pattern"]), r["method"], r["seed"])] = r
+    out = []
+    for (pattern, method), group in sorted(_group(latest).items()):
+        entry = dict(pattern=pattern, method=method, seeds=[], metrics={})
+        for r in sorted(group, key=lambda r: r["seed"]):
+            b = base_of(r, rows)
+            if b is None or b is r:
+                continue
+            entry["seeds"].append(r["seed"])
+            for key, _ in METRICS:
+                if key in r and key in b:
+                    m = entry["metrics"].setdefault(key, dict(base=[], sds=[], change=[]))
+                    m["base"].append(b[key])
+                    m["sds"].append(r[key])
+                    m["change"].append(100 * (r[key] / b[key] - 1))
+        if entry["seeds"]:
+            out.append(entry)
+    return out
+
+
+def _group(latest: dict[tuple, dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for (pattern, method, _), r in latest.items():
+        groups.setdefault((pattern, method), []).append(r)
+    return groups
+
+
+def _mean_sd(values: list[float], digits: int = 2, unit: str = "") -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}{unit}"
+    return f"{statistics.mean(values):.{digits}f}{unit} ± {statistics.stdev(values):.{digits}f}{unit}"
+
+
+def seeds_markdown(summary: list[dict]) -> str:
+    head = ["pattern", "method", "seeds"]
+    for _, name in METRICS:
+        head += [f"{name}: base", f"{name}: SDS", f"{name}: change per seed", f"{name}: mean change"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + ("---:|" * 4) * len(METRICS)]
+    for e in summary:
+        cells = [e["pattern"], e["method"], ",".join(str(s) for s in e["seeds"])]
+        for key, _ in METRICS:
+            m = e["metrics"].get(key)
+            if m is None:
+                cells += [""] * 4
+                continue
+            cells += [_mean_sd(m["base"]), _mean_sd(m["sds"]), ", ".join(f"{c:+.1f}%" for c in m["change"]),
+                      _mean_sd(m["change"], 1, "%")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", type=Path)
     p.add_argument("--md", type=Path, default=None)
+    p.add_argument("--seeds", action="store_true", help="add the summary over calibration seeds")
     args = p.parse_args(argv)
-    md = to_markdown(load(args.results))
+    rows = load(args.results)
+    md = to_markdown(rows)
+    if args.seeds:
+        md += "\n" + seeds_markdown(seed_summary(rows))
     print(md)
     if args.md:
         args.md.write_text(md)

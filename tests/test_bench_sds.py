@@ -103,3 +103,26 @@ def test_without_a_holdout_the_library_reads_the_calibration_string(bench, texts
     calib, val, other, _ = bench.build_texts(args, None, _tok)
     assert val is None and other is None
     assert torch.equal(calib, calibration_from(args.calib, _tok, nsamples=8, seqlen=50, seed=0))
+
+
+def test_seed_summary_pairs_sds_with_its_base_per_seed(tmp_path):
+    table = load_bench("sds_table")
+
+    def write(name, seed, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps(dict(meta=dict(seed=seed), rows=rows)))
+        return path
+
+    def row(method, ppl, **extra):
+        return dict(method=method, pattern="2:4", ppl_val=ppl, ppl=2 * ppl, **extra)
+
+    files = [
+        write("s0.json", 0, [row("wanda", 100.0), row("sds-wanda", 50.0), row("sds-wanda", 10.0, options={"l1": 0})]),
+        write("s1.json", 1, [row("wanda", 200.0), row("sds-wanda", 300.0), row("sds-wanda", 150.0)]),  # the later row counts
+        write("s2.json", 2, [row("sds-sparsegpt", 1.0)]),  # no base of its seed: left out
+    ]
+    summary = table.seed_summary(table.load(files))
+    assert [(e["method"], e["seeds"]) for e in summary] == [("sds-wanda", [0, 1])]
+    assert summary[0]["metrics"]["ppl"]["change"] == [-50.0, -25.0]
+    md = table.seeds_markdown(summary)
+    assert "| 2:4 | sds-wanda | 0,1 | 150.00 ± 70.71 | 100.00 ± 70.71 | -50.0%, -25.0% | -37.5% ± 17.7% |" in md
