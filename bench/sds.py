@@ -119,6 +119,7 @@ def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, to
     evaluated token was calibrated on. One text file as --calib is the old protocol exactly (its
     windows from its head with `seed`, the validation from its tail).
     """
+    from sdsx.data import load_text
     from sdsx.data.calibration import encode, held_out
     from sdsx.data.sources import SELF, calibration_from, mixed_calibration
 
@@ -142,8 +143,6 @@ def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, to
         if other_tail:
             oids = held_out(args.other, tok, args.holdout, bos="never")
         else:
-            from sdsx.data import load_text
-
             oids = encode(tok, load_text(args.other))
         step = oids.numel() // args.val_windows
         other_ids = torch.cat([oids[i * step : i * step + args.eval_seqlen] for i in range(args.val_windows)])

@@ -80,8 +80,8 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     for (pattern, method), group in sorted(_group(latest).items()):
         entry = dict(pattern=pattern, method=method, seeds=[], metrics={})
         for r in sorted(group, key=lambda r: r["seed"]):
-            b = base_of(r, rows)
-            if b is None or b is r:
+            b = base_of(r, rows)  # a base pruner's row, never r itself
+            if b is None:
                 continue
             entry["seeds"].append(r["seed"])
             for key, _ in METRICS:

@@ -166,7 +166,7 @@ def held_out(source: "str | os.PathLike | Iterable[str]", tokenizer: Any, holdou
     holdout = _check_holdout(holdout)
     if holdout == 0:
         raise ValueError("held_out needs holdout > 0 (with 0 every token may be calibrated on)")
-    text, what = _source_text(source)
+    text, _ = _source_text(source)
     if text is None:
         raise ValueError("C4 calibration draws random documents and has no held-out tail")
     ids = encode(tokenizer, text, special_tokens=bos_id(tokenizer, bos) is None)
