@@ -91,7 +91,9 @@ def plot(groups: dict[tuple[str, int, str], dict[str, dict]], out: Path, pattern
             color, ls = styles[method]
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", color=color, label=LABELS[method])
     ax1.set_xscale("log")
-    ax1.set_xlabel("calibration tokens (speeches)")
+    ax1.set_xticks(sizes, [f"{t // 1000}k" for t in sizes])
+    ax1.minorticks_off()
+    ax1.set_xlabel("calibration tokens (speeches, log scale)")
     ax1.set_ylabel("WikiText-2 perplexity")
     ax1.set_title(f"{pattern}: calibration size")
     ax1.legend()
@@ -103,10 +105,12 @@ def plot(groups: dict[tuple[str, int, str], dict[str, dict]], out: Path, pattern
         color, ls = styles[method]
         ax2.bar([j + (i - 1.5) * width for j in range(len(sources))], vals, width, color=color,
                 alpha=1.0 if method.startswith("sds-") else 0.45, label=LABELS[method])
-    ax2.set_xticks(range(len(sources)), sources, rotation=10)
+    ax2.set_xticks(range(len(sources)), [src.replace("mixed (", "mixed\n(") for src in sources])
     ax2.set_ylabel("WikiText-2 perplexity")
     ax2.set_title(f"{pattern}: calibration source ({smallest:,} tokens)" if smallest else pattern)
-    ax2.legend()
+    ax2.set_ylim(0, 1.25 * max(r["ppl"] for (_, t, p), g in groups.items() if t == smallest and p == pattern
+                                for r in g.values()))
+    ax2.legend(ncol=2, loc="upper center")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

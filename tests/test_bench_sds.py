@@ -94,6 +94,9 @@ def test_calibration_table_groups_by_source_and_size_and_skips_time_only_rows(tm
     md = calib.to_markdown(groups)
     assert "| 120.00 (-20.0%) |" in md and "| 90.00 |" in md
     assert "| speeches | 16,384 | 2:4 | Wanda | 100.00 | 200.00 |" in md and "| Brown | 16,384 | 2:4 | Wanda | 100.00 | 200.00* |" in md
+    pytest.importorskip("matplotlib")
+    calib.plot(groups, tmp_path / "calib.png")
+    assert (tmp_path / "calib.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_without_a_holdout_the_library_reads_the_calibration_string(bench, texts):
