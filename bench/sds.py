@@ -22,6 +22,7 @@ import hashlib
 import json
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -204,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quality_only and args.base_time_only:
         p.error("--quality-only skips the timing run that --base-time-only keeps; pass one of them")
+    info = sdsx.backend_info()
+    if not info["extension_loaded"]:
+        # the reference ops would make every time ratio (and a 262k run's hours) meaningless
+        print(f"error: the sdsx extension is not loaded ({info['extension_error']}); build it with "
+              "`pip install --no-build-isolation .` and run from outside the checkout, so that the installed "
+              "package, not the source tree, is the one imported", file=sys.stderr)
+        return 2
 
     torch.set_num_threads(args.threads)
     from sdsx.data import load_text

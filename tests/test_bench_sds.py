@@ -71,6 +71,14 @@ def test_quality_only_and_base_time_only_exclude_each_other(bench):
         bench.main(["--quality-only", "--base-time-only"])
 
 
+def test_refuses_to_run_without_the_extension(bench, monkeypatch, capsys):
+    import sdsx
+
+    monkeypatch.setattr(sdsx, "backend_info", lambda: dict(extension_loaded=False, extension_error="ImportError: test"))
+    assert bench.main(["--patterns", "2:4"]) == 2
+    assert "extension is not loaded (ImportError: test)" in capsys.readouterr().err
+
+
 def test_calibration_table_groups_by_source_and_size_and_skips_time_only_rows(tmp_path):
     calib = load_bench("sds_calib")
     assert calib.source_label("/d/calib/sotu_1990_2021.txt") == "speeches" and calib.source_label("self") == "self-generated"
