@@ -108,8 +108,9 @@ def plot(groups: dict[tuple[str, int, str], dict[str, dict]], out: Path, pattern
     ax2.set_xticks(range(len(sources)), [src.replace("mixed (", "mixed\n(") for src in sources])
     ax2.set_ylabel("WikiText-2 perplexity")
     ax2.set_title(f"{pattern}: calibration source ({smallest:,} tokens)" if smallest else pattern)
-    ax2.set_ylim(0, 1.25 * max(r["ppl"] for (_, t, p), g in groups.items() if t == smallest and p == pattern
-                                for r in g.values()))
+    tallest = max((r["ppl"] for src in sources for r in groups[(src, smallest, pattern)].values()), default=None)
+    if tallest:
+        ax2.set_ylim(0, 1.25 * tallest)  # room for the legend above the bars
     ax2.legend(ncol=2, loc="upper center")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
