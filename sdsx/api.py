@@ -336,6 +336,7 @@ def run_driver(
     validation: torch.Tensor | None = None,
     block_choice: Callable | None = None,
     block_fit: BlockFitOptions | None = None,
+    validation_other: torch.Tensor | None = None,
 ) -> DriverResult:
     """Run the block-sequential driver for a validated plan (shared by every pruning entry point)."""
     driver = BlockDriver(
@@ -344,7 +345,7 @@ def run_driver(
     )
     return driver.run(plan.batches if stats != "none" else None, layer_fn, checkpoint=checkpoint, pass_name=pass_name, state=state,
                       after_block=after_block, validation=validation, block_choice=block_choice,
-                      block_fit=block_fit)
+                      block_fit=block_fit, validation_other=validation_other)
 
 
 def open_checkpoint(

@@ -55,6 +55,8 @@ class SDSReport(PruneReport):
     phase_errors: dict[str, dict[str, float]] = field(default_factory=dict)
     kept_phase1: list[str] = field(default_factory=list)
     kept_blocks: list[int] = field(default_factory=list)  # blocks the validation guard gave phase 1's weights
+    model_guard: dict[str, Any] = field(default_factory=dict)  # validation loss per source for both weight sets, the choice
+    validation_sources: dict[str, int] = field(default_factory=dict)  # validation windows per source
     histogram_layer: str | None = None
     histograms: dict[str, Any] = field(default_factory=dict)
 
@@ -71,10 +73,14 @@ class SDSReport(PruneReport):
             f"schedule {self.schedule}, {self.passes} calibration pass(es); final error below phase 1's on "
             f"{self.improved_layers} of {len(self.phase_errors)} layers; phase 1 kept on {len(self.kept_phase1)}",
         ]
+        if self.model_guard:
+            from sdsx.guard import describe
+
+            lines += ["", describe(self.model_guard)]
         if self.blocks:
             lines += [
                 "",
-                f"validation: {self.validation_samples} held-out calibration sequences; the block guard kept phase 1 on "
+                f"validation: {self.validation_samples} windows ({_sources(self.validation_sources)}); the block guard kept phase 1 on "
                 f"{len(self.kept_blocks)} of {len(self.blocks)} blocks",
                 "",
                 "| block | deviation, phase 1 weights | deviation, SDS weights | kept | after the block fit |",
@@ -92,6 +98,10 @@ class SDSReport(PruneReport):
                 cells = " | ".join(f"{errs[p]:.4g}" if p in errs else "" for p in phases)
                 lines.append(f"| {name} | {cells} | {'yes' if name in self.kept_phase1 else ''} |")
         return "\n".join(lines)
+
+
+def _sources(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "held-out calibration"
 
 
 def _histograms(snaps: dict[str, torch.Tensor], bins: int = 201) -> dict[str, Any]:
@@ -141,11 +151,13 @@ class _SDSState:
         self.phase_errors: dict[str, dict[str, float]] = {}
         self.kept: list[str] = []
         self.snaps: dict[str, torch.Tensor] = {}
+        self.phase1: dict[str, torch.Tensor] = {}  # phase 1's weights (CPU), for the model guard
         self.on_restore = on_restore
 
     def save(self, index: int, names: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         data = {"errors": {n: self.phase_errors[n] for n in names if n in self.phase_errors}, "kept": [n for n in self.kept if n in names]}
         tensors = {f"snap.{k}": v for k, v in self.snaps.items()} if self.histogram_layer in names else {}
+        tensors.update({f"phase1.{n}": self.phase1[n] for n in names if n in self.phase1})
         return data, tensors
 
     def restore(self, index: int, data: dict[str, Any], tensors: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
@@ -153,6 +165,7 @@ class _SDSState:
             self.phase_errors.setdefault(name, {}).update(errors)
         self.kept.extend(n for n in data.get("kept", []) if n not in self.kept)
         self.snaps.update({k[len("snap."):]: v for k, v in tensors.items() if k.startswith("snap.")})
+        self.phase1.update({k[len("phase1."):]: v for k, v in tensors.items() if k.startswith("phase1.")})
         if self.on_restore is not None:
             for name, W in weights.items():
                 self.on_restore(name, W, self.phase_errors.get(name, {}))
@@ -181,6 +194,7 @@ def sds_prune(
     checkpoint_dir: str | os.PathLike | None = None,
     save_activations: bool | None = None,
     validation: int | float | str | None = "auto",
+    other_validation: str | torch.Tensor | None = "self",
     blocks: str | None = None,
     **overrides: Any,
 ) -> SDSReport:
@@ -213,6 +227,11 @@ def sds_prune(
             weights or phase 1's are kept, and when the adjustment stops (``early_stop``). The
             report's ``blocks`` give the validation hidden-state deviation from the dense model
             after every block for both weight sets (the error over depth).
+        other_validation: validation windows from another domain, added to the held-out ones (for
+            the layer, block and model guards and the block fit's choice of iterate): "self"
+            (default) samples as many windows as are held out from the dense model itself (seeded,
+            cached); a (n, seqlen) tensor of token ids gives them (e.g. windows of another corpus);
+            None adds none. Used only when calibration sequences are held out.
         blocks: where the decoder blocks are, for a layout sdsx does not know (see :func:`sdsx.prune`).
     Returns:
         An :class:`SDSReport` (None on ranks 1..N-1 of a distributed "parallel" run).
@@ -263,12 +282,17 @@ def sds_prune(
     if validation and schedule != "interleaved":
         raise ValueError(f"validation windows run with schedule='interleaved', not {schedule!r}; pass validation=None")
     plan, held = split_validation(plan, validation, batch_size)
+    sources = _validation_sources(model, held, other_validation)
+    others = [v for k, v in sources.items() if k != "calibration"]
+    held_other = torch.cat(others) if others else None
     if histogram_layer is None:
         histogram_layer = next(iter(model_linears(model)))
 
     run_options = dict(opts.to_dict(), schedule=schedule, batch_size=batch_size)
     if held is not None:
         run_options["validation"] = int(held.shape[0])
+        if held_other is not None:
+            run_options["validation_sources"] = {k: int(v.shape[0]) for k, v in sources.items()}
     checkpoint = open_checkpoint(checkpoint_dir, model, plan, run_options, save_activations)
     common = dict(device=device, offload=offload, progress=progress, batch_size=batch_size, checkpoint=checkpoint)
 
@@ -289,6 +313,8 @@ def sds_prune(
                 snaps.update({k: v for k, v in res.weights.items() if k in PHASES})
             if held is not None and opts.block_guard:
                 candidates[name] = (res.result.weight, res.phase1)
+            if held is not None and opts.model_guard:
+                state.phase1[name] = res.phase1.detach().to("cpu", copy=True)
             return res.result
 
         def block_choice(index: int) -> list[tuple[str, dict[str, torch.Tensor]]]:
@@ -298,7 +324,8 @@ def sds_prune(
             return [("sds", sds_w), ("phase1", p1_w)]
 
         result = run_driver(model, plan, layer_fn, "full", desc=f"sds-{opts.pruner} {spec}", pass_name="sds", state=state,
-                            driver_options=dict(dense_stream=opts.target == "dense"), validation=held,
+                            driver_options=dict(dense_stream=opts.target == "dense", deviation=opts.deviation), validation=held,
+                            validation_other=held_other,
                             block_choice=block_choice if (held is not None and opts.block_guard) else None,
                             block_fit=opts.block_fit_options(), **common)
         passes = 1
@@ -309,6 +336,9 @@ def sds_prune(
         result, state, par = _parallel(model, plan, spec, opts, histogram_layer, common)
         phase_errors, kept, snaps, passes = state.phase_errors, state.kept, state.snaps, 1
 
+    guard = None
+    if schedule == "interleaved" and held is not None and opts.model_guard:
+        guard = _model_guard(model, state.phase1, sources, device)
     report = report_from(result, f"sds-{opts.pruner}", spec, run_options)
     if held is not None:
         report.nsamples += int(held.shape[0])
@@ -317,6 +347,9 @@ def sds_prune(
     report = SDSReport(**vars(report), schedule=schedule, passes=passes, phase_errors=phase_errors, kept_phase1=kept,
                        kept_blocks=kept_blocks)
     report.histogram_layer = histogram_layer
+    if guard is not None:
+        report.model_guard = guard
+    report.validation_sources = run_options.get("validation_sources") or ({"calibration": int(held.shape[0])} if held is not None else {})
     if schedule == "parallel":
         report.parallel = par.to_dict()
     if snaps:
@@ -327,6 +360,61 @@ def sds_prune(
         opts.pruner, spec, report.total_s, report.improved_layers, len(phase_errors),
     )
     return report
+
+
+def _validation_sources(model: nn.Module, held: torch.Tensor | None, other: str | torch.Tensor | None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The validation windows by source: the held-out calibration windows, and ``other`` (see
+    :func:`sds_prune`) when there are held-out windows at all."""
+    from sdsx.guard import OTHER_SOURCES, generated_windows
+
+    if held is None:
+        return {}
+    sources = {"calibration": held}
+    if other is None:
+        return sources
+    if isinstance(other, str):
+        if other not in OTHER_SOURCES:
+            raise ValueError(f"other_validation must be one of {OTHER_SOURCES}, token windows or None, got {other!r}")
+        sources["generated"] = generated_windows(model, held, int(held.shape[0]), seed=seed)
+    elif isinstance(other, torch.Tensor):
+        if other.dim() != 2 or other.shape[1] != held.shape[1] or other.shape[0] < 1 or other.is_floating_point():
+            raise ValueError(
+                f"other_validation must be token ids of shape (n, {held.shape[1]}) like the calibration windows, "
+                f"got {tuple(other.shape)} {other.dtype}"
+            )
+        sources["other"] = other.long()
+    else:
+        raise TypeError(f"other_validation must be 'self', a tensor of token ids or None, got {type(other).__name__}")
+    return sources
+
+
+def _model_guard(model: nn.Module, phase1: dict[str, torch.Tensor], sources: dict[str, torch.Tensor],
+                 device: torch.device | str | None) -> dict[str, Any] | None:
+    """Compare the whole model's validation loss per source with SDS's weights and with phase 1's;
+    leave the model with the better (:func:`sdsx.guard.choose`) and return what was measured."""
+    from sdsx.guard import choose, describe, window_losses
+    from sdsx.model.blocks import set_weight
+
+    linears = model_linears(model)
+    missing = [n for n in linears if n not in phase1]
+    if missing:
+        log.warning("SDS: the model guard is skipped: phase 1's weights of %d layers are unknown (%s ...)", len(missing), missing[0])
+        return None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else None
+    sds_w = {n: get_weight(m).detach().to("cpu", copy=True) for n, m in linears.items()}
+    with torch.no_grad():
+        loss_sds = window_losses(model, sources, device)
+        for n, m in linears.items():
+            set_weight(m, phase1[n])
+        loss_p1 = window_losses(model, sources, device)
+        chosen = choose(loss_sds, loss_p1)
+        if chosen == "sds":
+            for n, m in linears.items():
+                set_weight(m, sds_w[n])
+    entry = {"sds": loss_sds, "phase1": loss_p1, "chosen": chosen}
+    log.info("SDS: %s", describe(entry))
+    return entry
 
 
 def _phased(model, plan, spec, opts, histogram_layer, common):

@@ -4,7 +4,9 @@ protocol), PPL = exp(mean next-token NLL over every predicted token)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,11 +16,29 @@ from sdsx.data.bos import bos_id, with_bos
 from sdsx.data.calibration import encode
 from sdsx.model.blocks import max_positions, vocab_size
 
-__all__ = ["perplexity", "window_nll"]
+__all__ = ["evaluating_on", "perplexity", "window_nll"]
 
 
 def _logits(out: Any) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+@contextlib.contextmanager
+def evaluating_on(model: nn.Module, device: torch.device | str | None = None) -> Iterator[torch.device]:
+    """The model in eval mode on ``device`` (default: where it is) for the block, then back where
+    and how it was; yields the device."""
+    home = next(model.parameters()).device
+    run_on = torch.device(device) if device is not None else home
+    training = model.training
+    model.eval()
+    if run_on != home:
+        model.to(run_on)
+    try:
+        yield run_on
+    finally:
+        if run_on != home:
+            model.to(home)
+        model.train(training)
 
 
 @torch.no_grad()
@@ -105,19 +125,9 @@ def perplexity(
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     windows = with_bos(ids[: count * width].view(count, width), token)
 
-    home = next(model.parameters()).device
-    run_on = torch.device(device) if device is not None else home
-    training = model.training
-    model.eval()
-    if run_on != home:
-        model.to(run_on)
     total = 0.0
-    try:
+    with evaluating_on(model, device) as run_on:
         for start in tqdm(range(0, count, batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(run_on)
             total += float(window_nll(model, batch).double().sum())
-    finally:
-        if run_on != home:
-            model.to(home)
-        model.train(training)
     return math.exp(total / (count * (seqlen - 1)))

@@ -22,7 +22,7 @@ from sdsx.checkpoint import _fault
 from sdsx.numerics import all_finite
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
 from sdsx.pruners.base import PruneResult
-from sdsx.pruners.blockfit import BlockFitOptions, BlockFitRecord, fit_block, relative_error, visited
+from sdsx.pruners.blockfit import BlockFitOptions, BlockFitRecord, channel_weights, fit_block, relative_error, visited
 from sdsx.stats import GramAccumulator
 
 if TYPE_CHECKING:
@@ -179,16 +179,23 @@ def as_batches(calib: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 1
     return batches
 
 
-def hidden_deviation(out: list[torch.Tensor], target: list[torch.Tensor]) -> float:
-    """Mean over tokens of ||h - h_d||^2 / ||h_d||^2: how far the hidden states ``out`` are from the
-    dense model's ``target``. Per token, so that the few tokens with massive activations (the
-    attention sink) do not drown the others."""
+def hidden_deviation(out: list[torch.Tensor], target: list[torch.Tensor], weight: torch.Tensor | None = None) -> float:
+    """Mean over tokens of ||w (h - h_d)||^2 / ||w h_d||^2: how far the hidden states ``out`` are
+    from the dense model's ``target``. Per token, so that the few tokens with massive activations
+    (the attention sink) do not drown the others; ``weight`` balances the channels
+    (:func:`sdsx.pruners.blockfit.channel_weights`)."""
     total, count = 0.0, 0
     for h, d in zip(out, target):
         tokens = h[..., 0].numel()
-        total += float(relative_error(h, d)) * tokens
+        total += float(relative_error(h, d, weight)) * tokens
         count += tokens
     return total / max(count, 1)
+
+
+#: How the driver measures a block's deviation from the dense model (the block guard, the block
+#: fit's loss and its choice of iterate): "balanced" weighs every hidden channel by the inverse of
+#: its dense RMS (:func:`sdsx.pruners.blockfit.channel_weights`), "plain" by its own size.
+DEVIATIONS = ("balanced", "plain")
 
 
 #: ``block_choice(index) -> [(label, {linear name: weight}), ...]``: candidate weight sets for the
@@ -201,9 +208,12 @@ class _Validation:
     """The held-out calibration windows: their hidden states in the model pruned so far
     (``pruned``) and in the dense model (``dense``), one (b, L, hidden) tensor per batch each."""
 
-    def __init__(self, pruned: list[torch.Tensor]) -> None:
+    def __init__(self, pruned: list[torch.Tensor], calib: int | None = None) -> None:
         self.pruned = pruned
         self.dense = [x.clone() for x in pruned]
+        # the first ``calib`` batches are held-out calibration windows, whose Gram joins phase 1's H;
+        # the others (another domain's) only validate
+        self.calib = len(pruned) if calib is None else calib
 
     def tensors(self) -> list[torch.Tensor]:
         return self.pruned + self.dense
@@ -236,6 +246,9 @@ class BlockDriver:
         batch_size: calibration sequences per block forward call.
         progress: show a tqdm bar per block.
         desc: the progress bar's label.
+    deviation: how a block's distance from the dense model is measured on the validation windows
+            and in the block fit's loss (:data:`DEVIATIONS`); "balanced" (default) weighs each hidden
+            channel by the inverse of its dense RMS.
     """
 
     def __init__(
@@ -251,9 +264,13 @@ class BlockDriver:
         accumulator: Callable[[int, torch.device, bool], Any] | None = None,
         share_inputs: bool = True,
         dense_stream: bool = False,
+        deviation: str = "balanced",
     ) -> None:
         if stats not in STAT_KINDS:
             raise ValueError(f"stats must be one of {STAT_KINDS}, got {stats!r}")
+        if deviation not in DEVIATIONS:
+            raise ValueError(f"deviation must be one of {DEVIATIONS}, got {deviation!r}")
+        self.deviation = deviation
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -536,6 +553,7 @@ class BlockDriver:
         validation: torch.Tensor | Sequence[torch.Tensor] | None = None,
         block_choice: BlockChoice | None = None,
         block_fit: BlockFitOptions | None = None,
+        validation_other: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> DriverResult:
         """Apply ``layer_fn`` to every linear of every block, in place.
 
@@ -558,6 +576,9 @@ class BlockDriver:
             block_fit: after the layer function, fit each block's kept weights to a target hidden
                 state (:mod:`sdsx.pruners.blockfit`); with validation windows the best iterate on them
                 is kept.
+            validation_other: more validation windows, from another domain: they validate like
+                ``validation`` (after it in every list), but their Gram does not join the H that
+                phase 1 (the base pruner) prunes with, which stays that of the calibration windows.
         Returns:
             A :class:`DriverResult` with per-layer records, split timings and peak memory.
         """
@@ -596,12 +617,17 @@ class BlockDriver:
                     result.tokens = sum(b.numel() for b in batches)
                     t0 = self._now()
                     buffer, arguments = self.capture(batches)
+                    if validation_other is not None and validation is None:
+                        raise ValueError("validation_other needs validation windows")
                     if validation is not None:
                         vbatches = as_batches(validation, self.batch_size)
+                        calib_batches = len(vbatches)
+                        if validation_other is not None:
+                            vbatches += as_batches(validation_other, self.batch_size)
                         vbuffer, vargs = self.capture(vbatches)
                         for key, value in vargs.items():
                             arguments.setdefault(key, value)
-                        val = _Validation(vbuffer)
+                        val = _Validation(vbuffer, calib_batches)
                         result.validation_samples = sum(b.shape[0] for b in vbatches)
                         memory.add(_nbytes(val.tensors()))
                     result.forward_s += self._now() - t0
@@ -784,24 +810,30 @@ class BlockDriver:
                     if self.stats != "none":
                         accs = self._statistics(block, linears, buffer, arguments, result, memory, dense, crosses, local)
                     if val is not None:
-                        vaccs = self._statistics(block, linears, val.pruned, arguments, result, memory)
+                        vaccs = self._statistics(block, linears, val.pruned[: val.calib], arguments, result, memory)
+                        if val.calib < len(val.pruned):
+                            oaccs = self._statistics(block, linears, val.pruned[val.calib :], arguments, result, memory)
+                            vaccs = {name: (vaccs[name], oaccs[name]) for name in vaccs}
                         t0 = self._now()
                         for x in val.dense:  # the dense model's hidden state after this block
                             x.copy_(self._call(block, x.to(self.device), arguments))
                         result.forward_s += self._now() - t0
                     targets = local if local is not None else self._fit_targets(block, buffer, arguments, result, block_fit, dense, fit_dense)
+                    weight = self._channel_weights(targets, val)
                     self._solve(index, linears, accs, layer_fn, result, memory, crosses, vaccs)
-                    for acc in {id(a): a for a in list(accs.values()) + list(vaccs.values())}.values():
+                    flat = [a for v in vaccs.values() for a in (v if isinstance(v, tuple) else (v,))]
+                    for acc in {id(a): a for a in list(accs.values()) + flat}.values():
                         memory.sub(_nbytes(vars(acc)))
                     accs.clear()
                     vaccs.clear()
                     fit = None
                     if block_fit is not None:
                         def fit(v: _Validation | None, start: float | None = None, index=index, block=block, linears=linears,
-                                targets=targets) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
-                            return self._fit_block(index, block, linears, buffer, targets, arguments, block_fit, result, v, start)
+                                targets=targets, weight=weight) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
+                            return self._fit_block(index, block, linears, buffer, targets, arguments, block_fit, result, v, start,
+                                                   weight)
                     if val is not None:
-                        self._validate_block(index, block, linears, val, arguments, result, block_choice, fit)
+                        self._validate_block(index, block, linears, val, arguments, result, block_choice, fit, weight)
                     elif fit is not None:
                         fit(None)
                     if targets is not None and targets is not dense and targets is not fit_dense:
@@ -836,6 +868,7 @@ class BlockDriver:
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], val: _Validation, arguments: dict,
         result: DriverResult, block_choice: BlockChoice | None,
         fit: Callable[[_Validation, float], tuple[BlockFitRecord, list[torch.Tensor] | None]] | None = None,
+        weight: torch.Tensor | None = None,
     ) -> None:
         """Run the validation windows through the finished block; with ``block_choice``, through each
         candidate weight set, keeping the one closest to the dense hidden state; then ``fit`` the
@@ -850,7 +883,7 @@ class BlockDriver:
             for name, W in weights.items():
                 set_weight(linears[name], W)
             outs = [self._call(block, x.to(self.device), arguments) for x in val.pruned]
-            scored.append((hidden_deviation(outs, val.dense), label, weights, outs))
+            scored.append((hidden_deviation(outs, val.dense, weight), label, weights, outs))
         best = min(scored, key=lambda s: s[0])  # ties keep the earlier candidate
         for name, W in best[2].items():
             set_weight(linears[name], W)
@@ -865,6 +898,15 @@ class BlockDriver:
         for x, out in zip(val.pruned, outs):
             x.copy_(out)
         result.blocks.append(entry)
+
+    def _channel_weights(self, targets: list[torch.Tensor | None] | None, val: _Validation | None) -> torch.Tensor | None:
+        """The block's channel weights for the "balanced" deviation, from the dense hidden states
+        after it: the block fit's targets where there are any (more windows), else the validation
+        windows'; None for "plain" or with neither."""
+        if self.deviation != "balanced":
+            return None
+        dense = [t for t in targets or [] if t is not None] or (val.dense if val is not None else [])
+        return channel_weights(dense).to(self.device) if dense else None
 
     def _fit_targets(
         self, block: nn.Module, buffer: list[torch.Tensor], arguments: dict, result: DriverResult,
@@ -891,7 +933,7 @@ class BlockDriver:
     def _fit_block(
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], inputs: list[torch.Tensor],
         targets: list[torch.Tensor], arguments: dict, options: BlockFitOptions, result: DriverResult,
-        val: _Validation | None = None, start: float | None = None,
+        val: _Validation | None = None, start: float | None = None, weight: torch.Tensor | None = None,
     ) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
         """Fit the block's kept weights to ``targets`` (see :func:`sdsx.pruners.blockfit.fit_block`)
         and write the kept iterate back; with ``val``, scored on its windows (``start``: the starting
@@ -913,7 +955,7 @@ class BlockDriver:
         if val is not None:
             def validate(ws: dict[str, torch.Tensor]) -> float:
                 outs = [forward(ws, x) for x in val.pruned]
-                dev = hidden_deviation(outs, val.dense)
+                dev = hidden_deviation(outs, val.dense, weight)
                 if kept["dev"] is None or dev < kept["dev"]:  # the same rule as fit_block's choice
                     kept["dev"], kept["outs"] = dev, outs
                 return dev
@@ -922,7 +964,7 @@ class BlockDriver:
         for p, _ in frozen:
             p.requires_grad_(False)  # gradients only for the fitted copies, never the block's own
         try:
-            best, record = fit_block(forward, weights, inputs, targets, options, validate, block=index, start=start)
+            best, record = fit_block(forward, weights, inputs, targets, options, validate, block=index, start=start, weight=weight)
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
@@ -985,10 +1027,12 @@ class BlockDriver:
                     split_all = splits.get(id(acc))
                     if split_all is None:
                         t0 = self._now()
-                        vacc = vaccs[name]
+                        vacc, other = vaccs[name] if isinstance(vaccs[name], tuple) else (vaccs[name], None)
                         Hv = vacc.finalize()
-                        # H over all windows, so that phase 1 / a base pruner sees all the calibration
+                        # H over all calibration windows, so that phase 1 / a base pruner sees all of it
                         H_all = (H * acc.tokens + Hv * vacc.tokens) / (acc.tokens + vacc.tokens)
+                        if other is not None:  # another domain's windows validate, with equal weight per token
+                            Hv = (Hv * vacc.tokens + other.finalize() * other.tokens) / (vacc.tokens + other.tokens)
                         split_all = splits[id(acc)] = (H_all, H, Hv)
                         memory.add(_nbytes(H_all) + _nbytes(Hv))
                         result.stats_s += self._now() - t0

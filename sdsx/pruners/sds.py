@@ -70,6 +70,10 @@ class SDSOptions:
     block_guard: with validation windows, keep phase 1's weights for a whole block where its
         output on them is closer to the dense model's hidden state than SDS's (the block sees the
         composition of its layers, and the residual stream carries the error on).
+    model_guard: with validation windows, compare the whole model's validation loss (next-token
+        NLL) on each validation source (the held-out calibration windows, and text of another
+        domain: ``sds_prune``'s ``other_validation``) with SDS's weights and with phase 1's, and
+        return phase 1's unless SDS's are better on every source (:mod:`sdsx.guard`).
     early_stop: with validation windows, return the adjustment iterate with the lowest validation
         error rather than the last. The CG refit (the default) scores only its start (the second
         pruning's result) and its last iterate: over 210 SmolLM2 layers an intermediate iterate
@@ -92,6 +96,11 @@ class SDSOptions:
         49.71); half an epoch keeps SDS within 3x its base pruner's time (one epoch: 50.43
         against 53.75 for Wanda 2:4, at about 3.3x the default Wanda's time); the dense target
         beat the local one (50.43 against 56.12).
+    deviation: how a block's distance from the dense model is measured, for the block guard, the
+        block fit's loss and its choice of iterate: "balanced" (default) weighs every hidden
+        channel by the inverse of its dense RMS, "plain" by its own size (the earlier default).
+        Gemma-3-270M keeps 85-98% of a token's hidden-state norm in 4 of its 640 channels, so the
+        plain deviation measured those channels alone (docs/sds.md, "A guard that sees the domain").
     blocksize, percdamp: SparseGPT's settings.
     """
 
@@ -107,6 +116,7 @@ class SDSOptions:
     adjust_score: str = "magnitude"
     keep_better: bool = True
     block_guard: bool = True
+    model_guard: bool = True
     early_stop: bool = True
     target: str = "pruned"
     alpha: float = 1.0
@@ -114,6 +124,7 @@ class SDSOptions:
     block_lr: float = 3e-4
     block_epochs: float = 0.5
     block_target: str = "dense"
+    deviation: str = "balanced"
     blocksize: int = 128
     percdamp: float = 0.01
 
@@ -136,6 +147,8 @@ class SDSOptions:
             raise ValueError(f"adjust_score must be one of {ADJUST_SCORES}, got {self.adjust_score!r}")
         if self.blocksize < 1:
             raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
+        if self.deviation not in ("balanced", "plain"):
+            raise ValueError(f"deviation must be 'balanced' or 'plain', got {self.deviation!r}")
         self.block_fit_options()  # checks the block fit's settings
         return self
 
