@@ -1,4 +1,4 @@
-"""SDS against its base pruner on SmolLM2-135M, side by side in one run.
+"""SDS against its base pruner on SmolLM2-135M or Gemma-3-270M (--model), side by side in one run.
 
     python bench/sds.py [--patterns 2:4,0.5] [--pruners sparsegpt,wanda] [--nsamples 32 --seqlen 512]
                         [--max-windows 64] [--set l1=0.1 --set dense_iters=20 ...] [--variants ...]
@@ -13,6 +13,9 @@ run already wrote to `--json` (same settings) and runs only the missing ones, fo
 calibration-size runs (e.g. `--nsamples 128`, `--nsamples 512`); with `--checkpoint-root` a killed
 run also goes on inside the row it was in (sdsx's block checkpoints), not only from the next row.
 `--calib a.txt,b.txt` or `--calib self` compares calibration sources (`--quality-only`).
+`--zeroshot piqa,arc_easy,lambada_openai [--zs-limit N]` also scores every row (the dense one too)
+on zero-shot tasks (sdsx.eval.zeroshot, lm-eval 0.4's protocol), keeping per item whether it was
+answered right so that bench/sds_table.py can test SDS against its base pair by pair (McNemar).
 """
 
 from __future__ import annotations
@@ -112,6 +115,57 @@ def ops_bench(model, calib, threads: int, samples: int = 32) -> dict:
     return out
 
 
+MODELS = {"smollm2-135m": ("SmolLM2-135M", "never"), "gemma3-270m": ("Gemma-3-270M", "auto")}
+
+
+def uses_bos(args, tok) -> bool:
+    """Whether evaluation windows start with their own BOS (Gemma's protocol)."""
+    from sdsx.data.bos import bos_id
+
+    return bos_id(tok, args.bos) is not None
+
+
+def zeroshot_scores(model, tok, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+                    data_dir=None) -> dict:
+    """Zero-shot accuracy of ``model`` as a result row keeps it: per task "acc", "acc_stderr", "n",
+    "acc_norm" and "acc_norm_stderr" (multiple-choice tasks), "perplexity" (LAMBADA), and
+    "correct": one character per item, '1' where it was answered right (the prediction is the gold
+    choice; for LAMBADA the greedy decoding gives the word), else '0', for paired tests.
+
+    The prefix token is zero_shot's bos="auto" whatever --bos says: BOS when the tokenizer starts
+    texts with it (Gemma: yes, SmolLM2: no), lm-eval 0.4's default, so the numbers stay comparable
+    with lm-eval's whichever window protocol the perplexities use.
+    """
+    from sdsx.eval.zeroshot import zero_shot
+
+    results = zero_shot(model, tok, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size, progress=False,
+                        bos="auto", log_samples=True)
+    out = {}
+    for task, r in results.items():
+        if r["kind"] == "greedy":
+            hits = [s["greedy"] for s in r["samples"]]
+        else:
+            hits = [s["pred"] == s["gold"] for s in r["samples"]]
+        entry = {"acc": r["acc"], "acc_stderr": r["acc_stderr"], "n": r["n"]}
+        for k in ("acc_norm", "acc_norm_stderr", "perplexity"):
+            if k in r:
+                entry[k] = r[k]
+        entry["correct"] = "".join("1" if h else "0" for h in hits)
+        out[task] = entry
+    return out
+
+
+def load_model(name: str):
+    """The offline model and tokenizer ``--model`` names."""
+    if name == "gemma3-270m":
+        from sdsx.model.gemma3 import load_gemma3
+
+        return load_gemma3()
+    from sdsx.model.smollm2 import load_smollm2
+
+    return load_smollm2()
+
+
 def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
     """The calibration windows, the validation token stream and the other text's windows.
 
@@ -132,26 +186,33 @@ def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, to
     held = args.holdout > 0
     if args.calib == SELF or not held:
         # nothing to keep apart: the library's own reading of a --calib string (self, a,b or one file)
-        calib = calibration_from(args.calib, tok, model=model, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        calib = calibration_from(args.calib, tok, model=model, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, bos=args.bos)
     else:
-        # the old protocol's windows: one token stream, no BOS per window (bos="never")
+        # SmolLM2's protocol: one token stream, no BOS per window (--bos never); Gemma's: a BOS per window
         cut = [args.holdout if same(src, val_text) or same(src, args.other) else 0.0 for src in sources]
-        calib = mixed_calibration(sources, tok, args.nsamples, args.seqlen, args.seed, bos="never", holdout=cut)
-    val_ids = held_out(val_text, tok, args.holdout, bos="never") if held else None
+        calib = mixed_calibration(sources, tok, args.nsamples, args.seqlen, args.seed, bos=args.bos, holdout=cut)
+    val_ids = held_out(val_text, tok, args.holdout, bos=args.bos) if held else None
     other_ids, other_tail = None, False
     if args.other:
         other_tail = held and any(same(src, args.other) for src in sources)
         if other_tail:
-            oids = held_out(args.other, tok, args.holdout, bos="never")
+            oids = held_out(args.other, tok, args.holdout, bos=args.bos)
         else:
-            oids = encode(tok, load_text(args.other))
+            oids = encode(tok, load_text(args.other), special_tokens=not uses_bos(args, tok))
+        # with a BOS per window, perplexity() cuts slices of eval_seqlen - 1 text tokens
+        width = args.eval_seqlen - (1 if uses_bos(args, tok) else 0)
         step = oids.numel() // args.val_windows
-        other_ids = torch.cat([oids[i * step : i * step + args.eval_seqlen] for i in range(args.val_windows)])
+        other_ids = torch.cat([oids[i * step : i * step + width] for i in range(args.val_windows)])
     return calib, val_ids, other_ids, dict(val_text=val_text, other_tail=other_tail)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS),
+                   help="the offline model: SmolLM2-135M (default) or Gemma-3-270M (PyPI packages, see sdsx.model.gemma3)")
+    p.add_argument("--bos", default=None, choices=("auto", "always", "never"),
+                   help="how windows start: default 'never' for SmolLM2 (one token stream, the results so far), "
+                        "'auto' for Gemma (a BOS per window, which Gemma needs)")
     p.add_argument("--patterns", default="2:4,0.5")
     p.add_argument("--pruners", default="sparsegpt,wanda")
     p.add_argument("--calib", default=str(DATA / "calib" / "sotu_1990_2021.txt"),
@@ -191,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the base pruner's separate timing run (the evaluated run is timed with its validation "
                         "stream): for quality comparisons such as the calibration sources")
     p.add_argument("--validation", default="auto", help="sds_prune's held-out calibration sequences (auto, a count, 0)")
+    p.add_argument("--zeroshot", default="",
+                   help="zero-shot tasks every row is also scored on, e.g. piqa,arc_easy,lambada_openai (default: none); "
+                        "from $SDSX_DATA/zeroshot or ../shared/data/zeroshot, with the tokenizer's own BOS rule "
+                        "(bos=auto, lm-eval's default) whatever --bos is")
+    p.add_argument("--zs-limit", type=int, default=None, help="only the first N items of each zero-shot task (default: all)")
+    p.add_argument("--zs-batch", type=int, default=8, help="sequences per forward call of the zero-shot scoring")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "sds.json")
@@ -205,6 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quality_only and args.base_time_only:
         p.error("--quality-only skips the timing run that --base-time-only keeps; pass one of them")
+    zs_tasks: list[str] = []
+    if args.zeroshot:
+        from sdsx.eval.zeroshot import load_task, resolve_tasks
+
+        if args.zs_limit is not None and args.zs_limit < 1:
+            p.error(f"--zs-limit must be a positive count, got {args.zs_limit}")
+        if args.zs_batch < 1:
+            p.error(f"--zs-batch must be a positive count, got {args.zs_batch}")
+        try:  # every task file read now, not after the first row's pruning
+            zs_tasks = resolve_tasks(args.zeroshot)
+            for task in zs_tasks:
+                load_task(task, None, args.zs_limit)
+        except (ValueError, FileNotFoundError, ImportError) as exc:
+            p.error(f"--zeroshot: {exc}")
     info = sdsx.backend_info()
     if not info["extension_loaded"]:
         # the reference ops would make every time ratio (and a 262k run's hours) meaningless
@@ -216,17 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from sdsx.data import load_text
     from sdsx.data.calibration import encode
-    from sdsx.model.smollm2 import load_smollm2
-
-    model, tok = load_smollm2()
+    if args.bos is None:
+        args.bos = MODELS[args.model][1]
+    model, tok = load_model(args.model)
     calib, val_ids, other_ids, sources = build_texts(args, model, tok)
-    eval_ids = encode(tok, load_text(args.wikitext))
+    eval_ids = encode(tok, load_text(args.wikitext), special_tokens=not uses_bos(args, tok))
     validation = None if args.validation in ("0", "none", "None") else (args.validation if args.validation == "auto" else _value(args.validation))
     base_opts = parse_sets(args.set)
     variants = [] if args.only_variants else [("sds", base_opts)]
     variants += [(name, {**base_opts, **opts}) for name, opts in (parse_variant(v) for v in args.variants.split(";") if v)]
     meta = dict(
-        model="SmolLM2-135M", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        model=MODELS[args.model][0], calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         eval="WikiText-2 test", eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
         eval_tokens=min(args.max_windows or 10**9, eval_ids.numel() // args.eval_seqlen) * args.eval_seqlen,
         threads=args.threads, torch=torch.__version__, machine=platform.machine(), schedule=args.schedule,
@@ -239,8 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         meta["val_text"] = sources["val_text"]
     if sources["other_tail"]:
         meta["other_tail"] = True
+    if args.bos != "never":
+        meta["bos"] = args.bos
     if args.quality_only:
         meta["quality_only"] = True
+    if zs_tasks:
+        meta["zeroshot"] = {"tasks": zs_tasks, "limit": args.zs_limit, "bos": "auto"}
     rows: list[dict] = []
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
     if args.resume and args.json.exists():
@@ -287,17 +372,20 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
 
     def ppl(m):
-        return sdsx.perplexity(m, eval_ids, seqlen=args.eval_seqlen, max_windows=args.max_windows, progress=False)
+        return sdsx.perplexity(m, eval_ids, tok, seqlen=args.eval_seqlen, max_windows=args.max_windows, progress=False, bos=args.bos)
 
     def scores(m) -> dict:
         """Validation perplexity (held-out calibration text: what defaults are chosen on), another
-        text's, and the test text's (WikiText-2)."""
+        text's, and the test text's (WikiText-2); with --zeroshot also the zero-shot tasks."""
         out = {}
         if val_ids is not None:
-            out["ppl_val"] = sdsx.perplexity(m, val_ids, seqlen=args.eval_seqlen, max_windows=args.val_windows, progress=False)
+            out["ppl_val"] = sdsx.perplexity(m, val_ids, tok, seqlen=args.eval_seqlen, max_windows=args.val_windows, progress=False,
+                                             bos=args.bos)
         if other_ids is not None:
-            out["ppl_other"] = sdsx.perplexity(m, other_ids, seqlen=args.eval_seqlen, progress=False)
+            out["ppl_other"] = sdsx.perplexity(m, other_ids, tok, seqlen=args.eval_seqlen, progress=False, bos=args.bos)
         out["ppl"] = ppl(m)
+        if zs_tasks:
+            out["zeroshot"] = zeroshot_scores(m, tok, zs_tasks, args.zs_limit, args.zs_batch)
         return out
 
     if args.ops:
@@ -413,6 +501,17 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         agree = f"{r['mask_agreement']:.2%}" if r.get("mask_agreement") is not None else ""
         lines.append(f"| {r['method']} | {r['pattern']} | {opts} | {val} | {other} | {ppl} | {seconds:.0f} | {ratio} | {err} | "
                      f"{imp} | {kept} | {agree} |")
+    tasks = list(dict.fromkeys(t for r in rows for t in (r.get("zeroshot") or {})))
+    if tasks:
+        limit = (meta.get("zeroshot") or {}).get("limit")
+        lines += ["", f"Zero-shot accuracy ({'first ' + str(limit) + ' items per task' if limit else 'full sets'}, ± standard error):", "",
+                  "| method | pattern | options | " + " | ".join(tasks) + " |", "|---|---|---|" + "---:|" * len(tasks)]
+        for r in rows:
+            if not r.get("zeroshot"):
+                continue
+            opts = ",".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
+            cells = [f"{100 * z['acc']:.1f} ± {100 * (z.get('acc_stderr') or 0):.1f}" if (z := r["zeroshot"].get(t)) else "" for t in tasks]
+            lines.append(f"| {r['method']} | {r['pattern']} | {opts} | " + " | ".join(cells) + " |")
     if "ops" in meta:
         o = meta["ops"]
         lines += [

@@ -11,6 +11,12 @@ last default-SDS row of a seed counts, in the order the files are given).
 Time ratios are given only against a base of the same file (measured side by side in one run):
 against the base row's own run (with the validation windows) and, where the file has it, against
 the base as a user runs it by default (``plain_seconds``: all windows, no validation stream).
+
+Rows scored with `bench/sds.py --zeroshot` get a column per zero-shot task: accuracy ± standard
+error in points, and for a row with a base (the same pairing as the perplexities) the difference
+from the base in points and McNemar's exact p-value over the items (the two rows' per-item
+"correct" strings; only when both hold the same items). `--seeds` adds a zero-shot table as well:
+per seed the change and its p-value, and the mean change over the seeds.
 """
 
 from __future__ import annotations
@@ -21,6 +27,70 @@ import statistics
 from pathlib import Path
 
 METRICS = (("ppl_val", "validation"), ("ppl_other", "Brown"), ("ppl", "WikiText-2"))
+
+
+def mcnemar(a: str, b: str) -> tuple[float, float]:
+    """McNemar's exact test of two classifiers on the same items.
+
+    ``a`` and ``b`` hold one character per item, '1' where it was answered right, '0' where not.
+    Returns (accuracy of a - accuracy of b, as a fraction; two-sided p-value): the exact binomial
+    test of the discordant items (right in one, wrong in the other), which are split 50/50 under
+    the null hypothesis: p = min(1, 2 * P[X <= min(n01, n10)]), X ~ Binomial(n01 + n10, 1/2);
+    p = 1 when no item is discordant.
+
+    Raises:
+        ValueError: strings of different lengths, empty, or with characters other than '0'/'1'.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"the two rows hold different items: {len(a)} and {len(b)}")
+    if not a:
+        raise ValueError("no items")
+    if set(a) - {"0", "1"} or set(b) - {"0", "1"}:
+        raise ValueError("correct strings hold only '0' and '1'")
+    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    n = only_a + only_b
+    k = min(only_a, only_b)
+    tail, term = 0, 1  # sum of C(n, i) for i <= k, in exact integers
+    for i in range(k + 1):
+        tail += term
+        term = term * (n - i) // (i + 1)
+    p = min(1.0, 2 * tail / 2**n)
+    return (only_a - only_b) / len(a), p
+
+
+def zeroshot_tasks(rows: list[dict]) -> list[str]:
+    """The zero-shot tasks of any row, in order of first appearance."""
+    return list(dict.fromkeys(t for r in rows for t in (r.get("zeroshot") or {})))
+
+
+def zeroshot_pair(row: dict, base: dict | None, task: str) -> tuple[float, float] | None:
+    """(difference in points, McNemar p) of ``row`` against ``base`` on ``task``, or None where
+    either lacks the task or they hold different items."""
+    if base is None or base is row:
+        return None
+    z, zb = (row.get("zeroshot") or {}).get(task), (base.get("zeroshot") or {}).get(task)
+    if not z or not zb or not z.get("correct") or len(z["correct"]) != len(zb.get("correct") or ""):
+        return None
+    diff, p = mcnemar(z["correct"], zb["correct"])
+    return 100 * diff, p
+
+
+def _p(p: float) -> str:
+    return f"p={p:.2g}" if p >= 1e-3 else f"p={p:.1e}"
+
+
+def zeroshot_cell(row: dict, base: dict | None, task: str) -> str:
+    """"acc ± stderr" in points, with "(difference, p)" against the base where paired."""
+    z = (row.get("zeroshot") or {}).get(task)
+    if not z:
+        return ""
+    se = z.get("acc_stderr")
+    cell = f"{100 * z['acc']:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+    pair = zeroshot_pair(row, base, task)
+    if pair is not None:
+        cell += f" ({pair[0]:+.1f}, {_p(pair[1])})"
+    return cell
 
 
 def load(paths: list[Path]) -> list[dict]:
@@ -46,8 +116,10 @@ def base_of(row: dict, rows: list[dict], timed: bool = False) -> dict | None:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    head = ["seed", "pattern", "method", "options"] + [name for _, name in METRICS] + ["time vs base", "vs default base", "file"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(METRICS) + 2) + "---|"]
+    tasks = zeroshot_tasks(rows)
+    head = ["seed", "pattern", "method", "options"] + [name for _, name in METRICS] + [f"{t} acc" for t in tasks]
+    head += ["time vs base", "vs default base", "file"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(METRICS) + len(tasks) + 2) + "---|"]
     order = sorted(rows, key=lambda r: (str(r["pattern"]), r["method"].split("-", 1)[-1], r["seed"], r["method"] != r["method"].split("-", 1)[-1]))
     for r in order:
         b = base_of(r, rows)
@@ -60,6 +132,7 @@ def to_markdown(rows: list[dict]) -> str:
                 cells.append(f"{r[key]:.2f}")
             else:
                 cells.append(f"{r[key]:.2f} ({100 * (r[key] / b[key] - 1):+.1f}%)")
+        cells += [zeroshot_cell(r, b, t) for t in tasks]
         # time ratios only side by side in one run (one file): the machine's load drifts between runs
         same_run = t is not None and t is not r and r.get("seconds")
         ratio = f"{r['seconds'] / t['seconds']:.2f}x" if same_run and t.get("seconds") else ""
@@ -90,6 +163,15 @@ def seed_summary(rows: list[dict]) -> list[dict]:
                     m["base"].append(b[key])
                     m["sds"].append(r[key])
                     m["change"].append(100 * (r[key] / b[key] - 1))
+            for task in zeroshot_tasks([r]):
+                pair = zeroshot_pair(r, b, task)
+                if pair is not None:
+                    z = entry.setdefault("zeroshot", {}).setdefault(task, {"seeds": [], "base": [], "sds": [], "change": [], "p": []})
+                    z["seeds"].append(r["seed"])
+                    z["base"].append(100 * b["zeroshot"][task]["acc"])
+                    z["sds"].append(100 * r["zeroshot"][task]["acc"])
+                    z["change"].append(pair[0])
+                    z["p"].append(pair[1])
         if entry["seeds"]:
             out.append(entry)
     return out
@@ -123,6 +205,14 @@ def seeds_markdown(summary: list[dict]) -> str:
             cells += [_mean_sd(m["base"]), _mean_sd(m["sds"]), ", ".join(f"{c:+.1f}%" for c in m["change"]),
                       _mean_sd(m["change"], 1, "%")]
         lines.append("| " + " | ".join(cells) + " |")
+    zs = [(e, task, z) for e in summary for task, z in (e.get("zeroshot") or {}).items()]
+    if zs:
+        lines += ["", "Zero-shot accuracy (points), the default SDS against its base per seed (McNemar's exact test per seed):", "",
+                  "| pattern | method | task | seeds | base | SDS | change per seed (p) | mean change |", "|---|---|---|---|---:|---:|---:|---:|"]
+        for e, task, z in zs:
+            per_seed = ", ".join(f"{c:+.1f} ({_p(p)})" for c, p in zip(z["change"], z["p"]))
+            lines.append(f"| {e['pattern']} | {e['method']} | {task} | {','.join(str(s) for s in z['seeds'])} | "
+                         f"{_mean_sd(z['base'], 1)} | {_mean_sd(z['sds'], 1)} | {per_seed} | {_mean_sd(z['change'], 1)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +33,7 @@ def texts(tmp_path):
 
 def _args(texts, **kw) -> argparse.Namespace:
     base = dict(calib=texts["speeches"], val_text=None, other=texts["brown"], holdout=0.15, nsamples=8, seqlen=50,
-                eval_seqlen=20, val_windows=5, seed=0)
+                eval_seqlen=20, val_windows=5, seed=0, bos="never")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -137,3 +136,97 @@ def test_seed_summary_pairs_sds_with_its_base_per_seed(tmp_path):
     assert summary[0]["metrics"]["ppl"]["change"] == [-50.0, -25.0]
     md = table.seeds_markdown(summary)
     assert "| 2:4 | sds-wanda | 0,1 | 150.00 ± 70.71 | 100.00 ± 70.71 | -50.0%, -25.0% | -37.5% ± 17.7% |" in md
+
+
+def test_zeroshot_scores_keep_per_item_correctness(bench, tmp_path):
+    """--zeroshot's row entry on a tiny model: accuracies as zero_shot gives them, and the per-item
+    '0'/'1' string (the prediction is the gold choice; for LAMBADA the greedy hit)."""
+    from conftest import make_tiny
+
+    from sdsx.eval.zeroshot import zero_shot
+
+    model = make_tiny("llama", seed=4)
+    ctx = [5, 17, 42, 9]
+    with torch.no_grad():
+        word = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+    choice = [{"query": "1 2 3", "choices": ["4 5", "6"], "gold": 0}, {"query": "7 8", "choices": ["9", "10 11", "12"], "gold": 2},
+              {"query": "13", "choices": ["14 15 16", "17"], "gold": 1}]
+    greedy = [{"context": " ".join(map(str, ctx)), "continuation": str(word)}, {"context": "20 21 22", "continuation": "23"}]
+    for name, items in (("piqa", choice), ("lambada_openai", greedy)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    got = bench.zeroshot_scores(model, _tok, ["piqa", "lambada_openai"], batch_size=2, data_dir=tmp_path)
+    ref = zero_shot(model, _tok, ["piqa", "lambada_openai"], data_dir=tmp_path, progress=False, log_samples=True)
+    assert set(got) == {"piqa", "lambada_openai"}
+    assert set(got["piqa"]) == {"acc", "acc_stderr", "n", "acc_norm", "acc_norm_stderr", "correct"}
+    assert set(got["lambada_openai"]) == {"acc", "acc_stderr", "n", "perplexity", "correct"}
+    for task, res in got.items():
+        assert res["acc"] == pytest.approx(ref[task]["acc"]) and res["n"] == len(res["correct"]) == ref[task]["n"]
+        assert res["correct"].count("1") == round(res["acc"] * res["n"])
+    assert got["piqa"]["correct"] == "".join(str(int(s["pred"] == s["gold"])) for s in ref["piqa"]["samples"])
+    assert got["lambada_openai"]["correct"][0] == "1"  # the model's own argmax is its greedy continuation
+    assert got["lambada_openai"]["perplexity"] == pytest.approx(ref["lambada_openai"]["perplexity"])
+    meta = {"nsamples": 8, "seqlen": 50, "calib": "c.txt", "eval": "WikiText-2 test", "eval_tokens": 100, "eval_seqlen": 20,
+            "threads": 1, "schedule": "interleaved", "zeroshot": {"tasks": ["piqa"], "limit": 3}}
+    md = bench.to_markdown(meta, [{"method": "dense", "pattern": "-", "seconds": 0.0, "zeroshot": got}])
+    assert "Zero-shot accuracy (first 3 items per task" in md and "| dense | - |  | " in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--zeroshot", "nosuchtask"], "unknown task"),
+    (["--zeroshot", "piqa", "--zs-limit", "0"], "--zs-limit must be a positive count"),
+    (["--zeroshot", "piqa", "--zs-batch", "0"], "--zs-batch must be a positive count"),
+])
+def test_zeroshot_arguments_are_checked_before_any_work(bench, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_mcnemar_exact_test():
+    table = load_bench("sds_table")
+    assert table.mcnemar("1100", "1100") == (0.0, 1.0)  # no discordant item
+    diff, p = table.mcnemar("1" * 10 + "0" * 5, "0" * 10 + "0" * 5)  # 10 discordant, all for the first
+    assert diff == pytest.approx(10 / 15) and p == pytest.approx(2 * 0.5**10)
+    diff, p = table.mcnemar("0" * 10, "1" * 10)
+    assert diff == -1.0 and p == pytest.approx(2 * 0.5**10)
+    # 3 discordant one way, 1 the other: 2 * P[X <= 1], X ~ Bin(4, 1/2) = 2 * 5/16
+    diff, p = table.mcnemar("1110" + "11", "0001" + "11")
+    assert diff == pytest.approx(2 / 6) and p == pytest.approx(10 / 16)
+    assert table.mcnemar("10", "01")[1] == 1.0  # balanced: capped at 1
+    # many discordant pairs: exact integers, no underflow or overflow
+    diff, p = table.mcnemar("1" * 3000 + "0" * 2000, "0" * 3000 + "1" * 2000)
+    assert diff == pytest.approx(0.2) and 0.0 < p < 1e-30
+    for a, b in (("10", "1"), ("", ""), ("12", "10")):
+        with pytest.raises(ValueError):
+            table.mcnemar(a, b)
+
+
+def test_table_pairs_zeroshot_with_the_base(tmp_path):
+    table = load_bench("sds_table")
+
+    def write(name, seed, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps({"meta": {"seed": seed}, "rows": rows}))
+        return path
+
+    def row(method, ppl, correct):
+        acc = correct.count("1") / len(correct)
+        zs = {"piqa": {"acc": acc, "acc_stderr": 0.05, "n": len(correct), "correct": correct}}
+        return {"method": method, "pattern": "2:4", "ppl_val": ppl, "ppl": 2 * ppl, "zeroshot": zs}
+
+    files = [
+        write("s0.json", 0, [row("wanda", 100.0, "0" * 10 + "1" * 10), row("sds-wanda", 50.0, "1" * 20),
+                             {"method": "sparsegpt", "pattern": "2:4", "ppl_val": 1.0, "ppl": 2.0}]),  # a row without zero-shot
+        write("s1.json", 1, [row("wanda", 200.0, "1" * 20), row("sds-wanda", 100.0, "1" * 19 + "0")]),
+    ]
+    rows = table.load(files)
+    md = table.to_markdown(rows)
+    assert "| piqa acc |" in md.splitlines()[0]
+    assert "| 50.0 ± 5.0 |" in md  # the base: accuracy ± standard error in points
+    assert f"| 100.0 ± 5.0 (+50.0, p={2 * 0.5**10:.2g}) |" in md  # SDS: difference and McNemar p against the base
+    assert "| 95.0 ± 5.0 (-5.0, p=1) |" in md
+    summary = table.seed_summary(rows)
+    z = summary[0]["zeroshot"]["piqa"]
+    assert z["seeds"] == [0, 1] and z["change"] == [50.0, -5.0] and z["p"] == [pytest.approx(2 * 0.5**10), 1.0]
+    md = table.seeds_markdown(summary)
+    assert "| 2:4 | sds-wanda | piqa | 0,1 | 75.0 ± 35.4 | 97.5 ± 3.5 | +50.0 (p=0.002), -5.0 (p=1) | 22.5 ± 38.9 |" in md

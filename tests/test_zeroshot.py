@@ -187,6 +187,50 @@ def test_greedy_flag_on_the_models_own_continuation(model):
     assert ll > ll2
 
 
+class _FullLogits(torch.nn.Module):
+    """The same model behind a forward without ``logits_to_keep``: the full-logits path."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def forward(self, input_ids, use_cache=False):
+        return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_head_only_where_needed_matches_full_logits(family):
+    model = make_tiny(family, vocab=97, seed=3)
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for ctx_len, cont_len in ((3, 1), (9, 4), (1, 2), (20, 3), (6, 6), (14, 1), (2, 5)):
+        ctx = torch.randint(0, 97, (ctx_len,), generator=g).tolist()
+        requests.append((ctx, torch.randint(0, 97, (cont_len,), generator=g).tolist()))
+    # two greedy continuations (the model's own argmax), so that the greedy flags are not all False
+    for ctx in ([5, 17, 42, 9], [60, 2, 33, 33, 8, 71, 4]):
+        ids = list(ctx)
+        with torch.no_grad():
+            for _ in range(3):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        requests.append((ctx, ids[len(ctx):]))
+    assert zs.accepts_logits_to_keep(model) and not zs.accepts_logits_to_keep(_FullLogits(model))
+    kept = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: kept.append(kw.get("logits_to_keep")), with_kwargs=True)
+    try:
+        fast = zs.loglikelihoods(model, requests, batch_size=3, progress=False)
+    finally:
+        hook.remove()
+    full = zs.loglikelihoods(_FullLogits(model), requests, batch_size=3, progress=False)
+    # one 1-D index tensor per batch: the longest batch (inputs of 22, 14 and 12 tokens, continuations
+    # of 3, 1 and 4) keeps the union of positions 19..21, 13 and 8..11, not all 22
+    assert len(kept) == 3 and all(isinstance(k, torch.Tensor) and k.ndim == 1 for k in kept)
+    assert kept[0].tolist() == [8, 9, 10, 11, 13, 19, 20, 21]
+    assert [ll for ll, _ in fast] == pytest.approx([ll for ll, _ in full], abs=1e-5)
+    assert [gr for _, gr in fast] == [gr for _, gr in full]
+    assert sum(gr for _, gr in fast) == 2
+
+
 def test_left_truncation_to_the_model_length(tok):
     model = make_tiny("llama", vocab=len(tok), seed=2)
     model.config.max_position_embeddings = 16

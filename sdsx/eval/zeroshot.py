@@ -51,6 +51,7 @@ log = logging.getLogger("sdsx")
 __all__ = [
     "KNOWN_TASKS",
     "TASK_KINDS",
+    "accepts_logits_to_keep",
     "context_bos",
     "default_data_dir",
     "encode_pair",
@@ -331,6 +332,17 @@ def _max_length(model: nn.Module) -> int:
     return max_positions(model) or 2048
 
 
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` by name (transformers' causal LMs do:
+    the LM head is then applied only at the positions it lists)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def loglikelihoods(
     model: nn.Module,
     requests: Sequence[tuple[list[int], list[int]]],
@@ -341,7 +353,11 @@ def loglikelihoods(
     """(sum of log p(continuation | context), is_greedy) for each (context ids, continuation ids).
 
     Longest requests first, right-padded batches; no attention mask is needed because padding
-    comes after every scored position of a causal model.
+    comes after every scored position of a causal model. When the model's forward takes
+    ``logits_to_keep`` (:func:`accepts_logits_to_keep`), the LM head runs only at the positions
+    that predict a continuation token of some row of the batch (a 1-D index tensor, the union over
+    the rows); otherwise at every position. The results agree up to float rounding; with a large
+    vocabulary (Gemma's 262k) the head is most of the cost, so this is several times faster.
     """
     from tqdm.auto import tqdm
 
@@ -355,6 +371,7 @@ def loglikelihoods(
         prepared.append((full[:-1], list(cont)[-len(full) + 1 :] if len(cont) >= len(full) else list(cont)))
     order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
     out: list[tuple[float, bool] | None] = [None] * len(prepared)
+    select = accepts_logits_to_keep(model)
     training = model.training
     model.eval()
     try:
@@ -366,14 +383,23 @@ def loglikelihoods(
                 for row, i in enumerate(idx):
                     seq = prepared[i][0]
                     inp[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                res = model(input_ids=inp.to(device), use_cache=False)
+                # position t predicts token t + 1: the continuation's tokens are predicted by the
+                # last n positions of the (unpadded) input
+                spans = [(len(prepared[i][0]) - len(prepared[i][1]), len(prepared[i][0])) for i in idx]
+                if select:
+                    needed = sorted({t for a, b in spans for t in range(a, b)})
+                    keep = torch.tensor(needed, dtype=torch.long)
+                    column = torch.full((width,), -1, dtype=torch.long)  # position -> column of the logits
+                    column[keep] = torch.arange(len(needed))
+                    res = model(input_ids=inp.to(device), use_cache=False, logits_to_keep=keep.to(device))
+                else:
+                    column = torch.arange(width)
+                    res = model(input_ids=inp.to(device), use_cache=False)
                 logits = res.logits if hasattr(res, "logits") else res[0]
                 for row, i in enumerate(idx):
-                    seq, cont = prepared[i]
-                    n = len(cont)
-                    # position t predicts token t + 1: the continuation's tokens are predicted by the
-                    # last n positions of the (unpadded) input
-                    part = logits[row, len(seq) - n : len(seq)].float().log_softmax(-1)
+                    cont = prepared[i][1]
+                    a, b = spans[row]
+                    part = logits[row, column[a:b].to(logits.device)].float().log_softmax(-1)
                     target = torch.tensor(cont, dtype=torch.long, device=part.device)
                     ll = float(part.gather(1, target[:, None]).sum())
                     greedy = bool((part.argmax(-1) == target).all())
