@@ -172,3 +172,20 @@ def test_visit_order_and_missing_targets():
     assert rec.steps == len(order)
     with pytest.raises(ValueError, match="no target"):
         fit_block(forward, {"w": W_d}, xs, [None] * len(xs), opts)
+
+
+def test_relative_lr_is_the_same_fit_at_any_weight_scale():
+    """With lr_mode="relative" each tensor's step is lr times its RMS: a problem scaled by c (weights,
+    targets) gives the scaled fit; with an absolute rate it does not (Adam's step ignores scale)."""
+    W_d, mask, xs, ys, forward = _masked_problem()
+    start = (W_d * 0.5) * mask
+
+    def fit(scale: float, mode: str) -> torch.Tensor:
+        opts = BlockFitOptions(epochs=2, lr=0.05 if mode == "relative" else 0.01, lr_mode=mode)
+        best, _ = fit_block(forward, {"w": start * scale}, xs, [y * scale for y in ys], opts)
+        return best["w"] / scale
+
+    torch.testing.assert_close(fit(1.0, "relative"), fit(0.01, "relative"), rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(fit(1.0, "absolute"), fit(0.01, "absolute"), rtol=1e-2, atol=1e-4)
+    with pytest.raises(ValueError, match="lr_mode"):
+        BlockFitOptions(lr_mode="per-weight")

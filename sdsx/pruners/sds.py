@@ -90,7 +90,8 @@ class SDSOptions:
         validation windows its best iterate on them is kept. On by default: on SmolLM2-135M 2:4 it
         took SparseGPT's validation perplexity from 70.87 to 46.79 (docs/sds.md). The other
         schedules run without it.
-    block_lr, block_epochs, block_target: the block fit's Adam learning rate, passes over the
+    block_lr, block_lr_mode, block_epochs, block_target: the block fit's Adam learning rate (absolute,
+        or relative to each weight tensor's RMS), passes over the
         calibration windows and target ("dense" or "local"), see
         :class:`~sdsx.pruners.blockfit.BlockFitOptions`. 3e-4 beat 1e-4 on validation (46.79 vs
         49.71); half an epoch keeps SDS within 3x its base pruner's time (one epoch: 50.43
@@ -122,6 +123,7 @@ class SDSOptions:
     alpha: float = 1.0
     block_fit: bool = True
     block_lr: float = 3e-4
+    block_lr_mode: str = "absolute"
     block_epochs: float = 0.5
     block_target: str = "dense"
     deviation: str = "balanced"
@@ -156,7 +158,7 @@ class SDSOptions:
         """The block fit's settings, or None when it is off."""
         if not self.block_fit:
             return None
-        return BlockFitOptions(epochs=self.block_epochs, lr=self.block_lr, target=self.block_target)
+        return BlockFitOptions(epochs=self.block_epochs, lr=self.block_lr, lr_mode=self.block_lr_mode, target=self.block_target)
 
     def to_dict(self) -> dict:
         return asdict(self)
