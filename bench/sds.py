@@ -461,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                                  solver_s=rep.solver_s, error=rep.total_error, improved_layers=rep.improved_layers,
                                  kept_phase1=len(rep.kept_phase1), layers=len(rep.phase_errors), passes=rep.passes,
                                  kept_blocks=rep.kept_blocks, blocks=rep.blocks, fits=rep.fits,
+                                 model_guard=rep.model_guard, validation_sources=rep.validation_sources,
                                  mask_agreement=sum(agree) / len(agree) if agree else None,
                                  phase_errors=rep.phase_errors, **({"resumed": ckpt["resumed"]} if ckpt else {})))
                 print({k: v for k, v in rows[-1].items()}, flush=True)
