@@ -402,6 +402,7 @@ def _model_guard(model: nn.Module, phase1: dict[str, torch.Tensor], sources: dic
         return None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else None
+    t0 = time.perf_counter()
     sds_w = {n: get_weight(m).detach().to("cpu", copy=True) for n, m in linears.items()}
     with torch.no_grad():
         loss_sds = window_losses(model, sources, device)
@@ -412,7 +413,7 @@ def _model_guard(model: nn.Module, phase1: dict[str, torch.Tensor], sources: dic
         if chosen == "sds":
             for n, m in linears.items():
                 set_weight(m, sds_w[n])
-    entry = {"sds": loss_sds, "phase1": loss_p1, "chosen": chosen}
+    entry = {"sds": loss_sds, "phase1": loss_p1, "chosen": chosen, "seconds": time.perf_counter() - t0}
     log.info("SDS: %s", describe(entry))
     return entry
 
