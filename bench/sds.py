@@ -157,13 +157,9 @@ def zeroshot_scores(model, tok, tasks: list[str], limit: int | None = None, batc
 
 def load_model(name: str):
     """The offline model and tokenizer ``--model`` names."""
-    if name == "gemma3-270m":
-        from sdsx.model.gemma3 import load_gemma3
+    from sdsx.model.offline import load_offline
 
-        return load_gemma3()
-    from sdsx.model.smollm2 import load_smollm2
-
-    return load_smollm2()
+    return load_offline(name)
 
 
 def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:

@@ -23,7 +23,7 @@ log = logging.getLogger("sdsx")
 
 __all__ = ["CLIError", "main", "build_parser", "load_model", "data_root"]
 
-BUILTIN_MODELS = ("smollm2-135m",)
+BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m")  # sdsx.model.offline
 DEFAULT_NSAMPLES = 32
 DEFAULT_SEQLEN = 512
 PRUNE_METHODS = ("sds", "sparsegpt", "wanda", "magnitude")
@@ -205,6 +205,15 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
                         "or 0 for none; default auto: 1/8 of them with the interleaved schedule)")
     g.add_argument("--no-block-guard", action="store_true",
                    help="keep SDS's weights for every block even where phase 1's are closer to the dense model on validation")
+    g.add_argument("--no-model-guard", action="store_true",
+                   help="return SDS's weights even where the whole model's validation loss is lower with phase 1's on "
+                        "some validation source")
+    g.add_argument("--other-validation", default="self", metavar="SRC",
+                   help="validation windows from another domain, beside the held-out calibration ones: self (default: "
+                        "sampled from the dense model), none, or a local text file (windows drawn from it)")
+    g.add_argument("--deviation", choices=("balanced", "plain"), default=None,
+                   help="how a block's distance from the dense model is measured for the guards and the block fit: "
+                        "balanced (default: every hidden channel weighed by its dense RMS) or plain")
     g.add_argument("--no-early-stop", action="store_true",
                    help="return the adjustment's last iterate, not the one with the lowest validation error")
     g = p.add_argument_group("block fit (every method: masks fixed, each block's kept weights fitted to the dense model's "
@@ -242,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluate perplexity before and after, print a table, write a report folder with plots "
                     "and save the pruned model with --out.",
     )
-    p.add_argument("model", metavar="MODEL", help="smollm2-135m, a local model folder, or a hub name")
+    p.add_argument("model", metavar="MODEL", help="smollm2-135m or gemma3-270m (offline, from PyPI), a local model folder, or a hub name")
     p.add_argument("--method", default="sds", choices=PRUNE_METHODS,
                    help="sds: Sparse-Dense-Sparse on top of --pruner (default); sparsegpt, wanda, magnitude: one-shot baselines")
     p.add_argument("--pruner", default="sparsegpt", choices=("sparsegpt", "wanda"),
@@ -267,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate perplexity (SparseGPT/Wanda protocol) and zero-shot accuracy (lm-evaluation-harness "
                     "definitions) of a dense or saved pruned model (a saved model's pattern is checked on load).",
     )
-    p.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m, a local model folder (one saved by sdsx prune --out is checked), or a hub name")
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m or gemma3-270m, a local model folder (one saved by sdsx prune --out is checked), or a hub name")
     p.add_argument("--report", metavar="DIR", default=None, help="also write report.json and report.md here")
     _eval_options(p, "perplexity text: a file (.txt, .jsonl, WikiText .raw) or a hub name (wikitext2, ptb, c4); 'none' "
                      "skips it. Default: the local WikiText-2 test file when no --tasks are given, else none")
@@ -278,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune the same model with several methods and sparsities on one calibration set (the dense "
                     "weights are restored between runs), evaluate each, print the table and save a report with plots.",
     )
-    p.add_argument("model", metavar="MODEL", help="smollm2-135m, a local model folder, or a hub name")
+    p.add_argument("model", metavar="MODEL", help="smollm2-135m or gemma3-270m (offline, from PyPI), a local model folder, or a hub name")
     p.add_argument("--methods", type=_method_list, default=["sparsegpt", "wanda", "sds-sparsegpt"],
                    help=f"comma-separated, from {', '.join(COMPARE_METHODS)} (sds = sds-sparsegpt); "
                         "default sparsegpt,wanda,sds-sparsegpt; the dense model is always evaluated too")
@@ -305,9 +314,9 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, dict | None
 
     torch_dtype = getattr(torch, dtype)
     if name.lower() in BUILTIN_MODELS:
-        from sdsx.model.smollm2 import load_smollm2
+        from sdsx.model.offline import load_offline
 
-        model, tok = load_smollm2(dtype=torch_dtype)
+        model, tok = load_offline(name, dtype=torch_dtype)
         return model, tok, None, name.lower()
     path = Path(name).expanduser()
     if path.is_dir():
@@ -336,7 +345,7 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, dict | None
     if _hub_offline():
         raise CLIError(
             f"unknown model {name!r}: not a local folder, not a built-in name ({', '.join(BUILTIN_MODELS)}), and the "
-            "Hugging Face hub is not reachable from this machine; pass a local folder or smollm2-135m"
+            "Hugging Face hub is not reachable from this machine; pass a local folder or a built-in name"
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -520,6 +529,7 @@ def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "reselect": False if args.no_reselect else None, "keep_better": False if args.no_keep_better else None,
         "adjust_score": getattr(args, "adjust_score", None), "target": args.target, "alpha": args.alpha,
         "block_guard": False if args.no_block_guard else None, "early_stop": False if args.no_early_stop else None,
+        "model_guard": False if getattr(args, "no_model_guard", False) else None, "deviation": getattr(args, "deviation", None),
         "block_fit": args.block_fit, "block_lr": args.block_lr, "block_epochs": args.block_epochs, "block_target": args.block_target,
     }
     out = {}
@@ -545,8 +555,30 @@ def _validation_arg(args: argparse.Namespace) -> Any:
     return int(value) if value >= 1 and value == int(value) else value
 
 
+def _other_validation(args: argparse.Namespace, calib: Any, tokenizer: Any) -> Any:
+    """``--other-validation``: "self", None, or windows of a local text as long as the calibration's."""
+    value = str(getattr(args, "other_validation", "self") or "self")
+    if value.lower() in ("self", "none"):
+        return None if value.lower() == "none" else "self"
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CLIError(f"--other-validation {value!r} is neither self, none nor a text file")
+    if tokenizer is None:
+        raise CLIError("--other-validation with a text file needs the model's tokenizer")
+    from sdsx.data.calibration import calibration
+    from sdsx.sds import auto_validation
+
+    validation = _validation_arg(args)
+    count = auto_validation(int(calib.shape[0])) if validation == "auto" else validation
+    if not count:
+        return None
+    count = count if isinstance(count, int) else max(1, round(count * int(calib.shape[0])))
+    return calibration(str(path), tokenizer, nsamples=count, seqlen=int(calib.shape[1]), seed=args.seed + 1, bos=args.bos)
+
+
 def _run_method(
-    model: Any, calib: Any, method: str, sparsity: str, args: argparse.Namespace, device: Any, checkpoint_dir: Any = None
+    model: Any, calib: Any, method: str, sparsity: str, args: argparse.Namespace, device: Any, checkpoint_dir: Any = None,
+    tokenizer: Any = None,
 ) -> Any:
     """Prune ``model`` in place; ``method`` is magnitude/wanda/sparsegpt or sds-<pruner>."""
     progress = not args.no_progress
@@ -557,7 +589,7 @@ def _run_method(
         return sds_prune(
             model, calib, sparsity, pruner, schedule=args.schedule or "interleaved", early_exit_params=args.early_exit_params,
             device=device, progress=progress, checkpoint_dir=checkpoint_dir, validation=_validation_arg(args),
-            **_sds_overrides(args),
+            other_validation=_other_validation(args, calib, tokenizer), **_sds_overrides(args),
         )
     from sdsx.api import prune
 
@@ -698,13 +730,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         rows.append(_row(label, "dense", "0", dense, evaluate.ppl_name))
     t0 = time.perf_counter()
     try:
-        report = _run_method(model, calib, full_method, args.sparsity, args, device, checkpoint_dir=args.out)
+        report = _run_method(model, calib, full_method, args.sparsity, args, device, checkpoint_dir=args.out, tokenizer=tok)
     except CheckpointMismatch:
         if not args.overwrite:
             raise
         log.warning("--overwrite: discarding the checkpoint of another run in %s", args.out)
         Checkpoint(args.out, {}).remove()
-        report = _run_method(model, calib, full_method, args.sparsity, args, device, checkpoint_dir=args.out)
+        report = _run_method(model, calib, full_method, args.sparsity, args, device, checkpoint_dir=args.out, tokenizer=tok)
     seconds = max(time.perf_counter() - t0, report.total_s)
     pruned = evaluate(model, device) if not evaluate.empty else {}
     rows.append(_row(label, full_method, args.sparsity, pruned, evaluate.ppl_name, seconds))
@@ -809,7 +841,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for name, m in linears.items():
             set_weight(m, dense_weights[name])
         t0 = time.perf_counter()
-        report = _run_method(model, calib, method, sparsity, args, device)
+        report = _run_method(model, calib, method, sparsity, args, device, tokenizer=tok)
         seconds = time.perf_counter() - t0
         ev = evaluate(model, device) if not evaluate.empty else {}
         rows.append(_row(label, method, sparsity, ev, evaluate.ppl_name, seconds))

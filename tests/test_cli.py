@@ -410,3 +410,21 @@ def test_prune_with_block_fit_and_mixed_or_self_calibration(files, tmp_path, cap
     assert list((tmp_path / "cache" / "calib-self").glob("*.pt"))
     assert main([*args_self[:-1], str(tmp_path / "nope"), "--calib", "missing.txt,x.txt"]) == 1
     one_line_error(capsys.readouterr().err, "--calib missing.txt: no such file")
+
+
+def test_prune_sds_with_another_texts_validation_and_guard_flags(files, tmp_path, capsys):
+    """--other-validation FILE adds windows of that text to the validation (recorded per source);
+    --no-model-guard and --deviation reach SDSOptions; a missing file is a one-line error."""
+    rep = tmp_path / "rep"
+    rc = main(["prune", *base(files, "--method", "sds", "--nsamples", "8", "--validation", "2", "--dense-iters", "2",
+                              "--adjust-iters", "2", "--other-validation", str(files / "eval.txt"), "--no-model-guard",
+                              "--deviation", "plain", "--ppl", "none", "--report", str(rep))])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    run = json.loads((rep / "report.json").read_text())["runs"][0]
+    assert run["options"]["validation_sources"] == {"calibration": 2, "other": 2}
+    assert run["options"]["model_guard"] is False and run["options"]["deviation"] == "plain"
+    rc = main(["prune", *base(files, "--method", "sds", "--nsamples", "8", "--other-validation", str(tmp_path / "nope.txt"),
+                              "--ppl", "none")])
+    assert rc != 0
+    one_line_error(capsys.readouterr().err, "other-validation")
