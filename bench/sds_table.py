@@ -98,7 +98,7 @@ def load(paths: list[Path]) -> list[dict]:
     for path in paths:
         data = json.loads(path.read_text())
         for row in data["rows"]:
-            rows.append(dict(row, seed=data["meta"].get("seed", 0), file=path.name))
+            rows.append(dict(row, seed=data["meta"].get("seed", 0), model=data["meta"].get("model", "SmolLM2-135M"), file=path.name))
     return rows
 
 
@@ -107,7 +107,8 @@ def base_of(row: dict, rows: list[dict], timed: bool = False) -> dict | None:
     perplexities a timing-only base row (``--base-time-only``) does not count; for the time
     (``timed``) only a base of the same file does."""
     pruner = row["method"].split("-", 1)[-1]
-    same = [r for r in rows if r["method"] == pruner and r["pattern"] == row["pattern"] and r["seed"] == row["seed"]]
+    same = [r for r in rows if r["method"] == pruner and r["pattern"] == row["pattern"] and r["seed"] == row["seed"]
+            and r.get("model") == row.get("model")]
     own = [r for r in same if r["file"] == row["file"]]
     if timed:
         return (own or [None])[0]
@@ -117,10 +118,11 @@ def base_of(row: dict, rows: list[dict], timed: bool = False) -> dict | None:
 
 def to_markdown(rows: list[dict]) -> str:
     tasks = zeroshot_tasks(rows)
-    head = ["seed", "pattern", "method", "options"] + [name for _, name in METRICS] + [f"{t} acc" for t in tasks]
+    head = ["model", "seed", "pattern", "method", "options"] + [name for _, name in METRICS] + [f"{t} acc" for t in tasks]
     head += ["time vs base", "vs default base", "file"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(METRICS) + len(tasks) + 2) + "---|"]
-    order = sorted(rows, key=lambda r: (str(r["pattern"]), r["method"].split("-", 1)[-1], r["seed"], r["method"] != r["method"].split("-", 1)[-1]))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(METRICS) + len(tasks) + 2) + "---|"]
+    order = sorted(rows, key=lambda r: (r.get("model", ""), str(r["pattern"]), r["method"].split("-", 1)[-1], r["seed"],
+                                        r["method"] != r["method"].split("-", 1)[-1]))
     for r in order:
         b = base_of(r, rows)
         t = base_of(r, rows, timed=True)
@@ -139,7 +141,7 @@ def to_markdown(rows: list[dict]) -> str:
         # against the base run as a user runs it (all windows, default statistics, no validation stream)
         plain = f"{r['seconds'] / t['plain_seconds']:.2f}x" if same_run and t.get("plain_seconds") else ""
         opts = ",".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
-        lines.append(f"| {r['seed']} | {r['pattern']} | {r['method']} | {opts} | " + " | ".join(cells) + f" | {ratio} | {plain} | {r['file']} |")
+        lines.append(f"| {r.get('model', '')} | {r['seed']} | {r['pattern']} | {r['method']} | {opts} | " + " | ".join(cells) + f" | {ratio} | {plain} | {r['file']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,10 +150,10 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     latest: dict[tuple, dict] = {}
     for r in rows:  # the last default-SDS row of each (pattern, method, seed)
         if r["method"].startswith("sds-") and not r.get("options") and "ppl" in r:
-            latest[(str(r["pattern"]), r["method"], r["seed"])] = r
+            latest[(r.get("model", ""), str(r["pattern"]), r["method"], r["seed"])] = r
     out = []
-    for (pattern, method), group in sorted(_group(latest).items()):
-        entry = dict(pattern=pattern, method=method, seeds=[], metrics={})
+    for (model, pattern, method), group in sorted(_group(latest).items()):
+        entry = dict(model=model, pattern=pattern, method=method, seeds=[], metrics={})
         for r in sorted(group, key=lambda r: r["seed"]):
             b = base_of(r, rows)  # a base pruner's row, never r itself
             if b is None:
@@ -179,8 +181,8 @@ def seed_summary(rows: list[dict]) -> list[dict]:
 
 def _group(latest: dict[tuple, dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
-    for (pattern, method, _), r in latest.items():
-        groups.setdefault((pattern, method), []).append(r)
+    for (model, pattern, method, _), r in latest.items():
+        groups.setdefault((model, pattern, method), []).append(r)
     return groups
 
 
@@ -191,12 +193,12 @@ def _mean_sd(values: list[float], digits: int = 2, unit: str = "") -> str:
 
 
 def seeds_markdown(summary: list[dict]) -> str:
-    head = ["pattern", "method", "seeds"]
+    head = ["model", "pattern", "method", "seeds"]
     for _, name in METRICS:
         head += [f"{name}: base", f"{name}: SDS", f"{name}: change per seed", f"{name}: mean change"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + ("---:|" * 4) * len(METRICS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + ("---:|" * 4) * len(METRICS)]
     for e in summary:
-        cells = [e["pattern"], e["method"], ",".join(str(s) for s in e["seeds"])]
+        cells = [e.get("model", ""), e["pattern"], e["method"], ",".join(str(s) for s in e["seeds"])]
         for key, _ in METRICS:
             m = e["metrics"].get(key)
             if m is None:
@@ -208,10 +210,11 @@ def seeds_markdown(summary: list[dict]) -> str:
     zs = [(e, task, z) for e in summary for task, z in (e.get("zeroshot") or {}).items()]
     if zs:
         lines += ["", "Zero-shot accuracy (points), the default SDS against its base per seed (McNemar's exact test per seed):", "",
-                  "| pattern | method | task | seeds | base | SDS | change per seed (p) | mean change |", "|---|---|---|---|---:|---:|---:|---:|"]
+                  "| model | pattern | method | task | seeds | base | SDS | change per seed (p) | mean change |",
+                  "|---|---|---|---|---|---:|---:|---:|---:|"]
         for e, task, z in zs:
             per_seed = ", ".join(f"{c:+.1f} ({_p(p)})" for c, p in zip(z["change"], z["p"]))
-            lines.append(f"| {e['pattern']} | {e['method']} | {task} | {','.join(str(s) for s in z['seeds'])} | "
+            lines.append(f"| {e.get('model', '')} | {e['pattern']} | {e['method']} | {task} | {','.join(str(s) for s in z['seeds'])} | "
                          f"{_mean_sd(z['base'], 1)} | {_mean_sd(z['sds'], 1)} | {per_seed} | {_mean_sd(z['change'], 1)} |")
     return "\n".join(lines) + "\n"
 
