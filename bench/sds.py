@@ -155,13 +155,6 @@ def zeroshot_scores(model, tok, tasks: list[str], limit: int | None = None, batc
     return out
 
 
-def load_model(name: str):
-    """The offline model and tokenizer ``--model`` names."""
-    from sdsx.model.offline import load_offline
-
-    return load_offline(name)
-
-
 def build_texts(args, model, tok) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
     """The calibration windows, the validation token stream and the other text's windows.
 
@@ -295,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     from sdsx.data.calibration import encode
     if args.bos is None:
         args.bos = MODELS[args.model][1]
-    model, tok = load_model(args.model)
+    from sdsx.model.offline import load_offline
+
+    model, tok = load_offline(args.model)
     calib, val_ids, other_ids, sources = build_texts(args, model, tok)
     eval_ids = encode(tok, load_text(args.wikitext), special_tokens=not uses_bos(args, tok))
     validation = None if args.validation in ("0", "none", "None") else (args.validation if args.validation == "auto" else _value(args.validation))

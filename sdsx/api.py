@@ -233,17 +233,14 @@ def validate(
     return Plan(spec, [b.long() for b in batches])
 
 
-def split_validation(plan: Plan, validation: int | float | None, batch_size: int = 1) -> tuple[Plan, torch.Tensor | None]:
-    """Hold out calibration sequences for validation: ``validation`` is a count of sequences (int
-    >= 1) or a fraction of them (float in (0, 1)); None or 0 holds out nothing. The last sequences
-    are held out (the windows are sampled at random, so the last are as random as any). Returns the
-    plan of the fitting sequences and the held-out ids (k, L), or None."""
-    if validation is None or validation == 0 or plan.batches is None:
-        return plan, None
+def held_count(validation: int | float | None, total: int) -> int:
+    """How many of ``total`` calibration sequences ``validation`` holds out: a count (int >= 1), a
+    fraction (float in (0, 1), at least one), or None / 0 for none. Raises when it is neither, or
+    when no sequence would be left for fitting."""
+    if validation is None or validation == 0:
+        return 0
     if isinstance(validation, bool) or not isinstance(validation, (int, float)):
         raise TypeError(f"validation must be a count of calibration sequences or a fraction in (0, 1), got {validation!r}")
-    seqs = [row for b in plan.batches for row in b]
-    total = len(seqs)
     if isinstance(validation, float):
         if not 0 < validation < 1:
             raise ValueError(f"a validation fraction must lie in (0, 1), got {validation}; or give a count of sequences")
@@ -255,6 +252,19 @@ def split_validation(plan: Plan, validation: int | float | None, batch_size: int
             f"validation={validation!r} holds out {count} of the {total} calibration sequences; at least one must stay "
             "for fitting: give more calibration sequences or a smaller validation"
         )
+    return count
+
+
+def split_validation(plan: Plan, validation: int | float | None, batch_size: int = 1) -> tuple[Plan, torch.Tensor | None]:
+    """Hold out calibration sequences for validation: ``validation`` is a count of sequences (int
+    >= 1) or a fraction of them (float in (0, 1)); None or 0 holds out nothing. The last sequences
+    are held out (the windows are sampled at random, so the last are as random as any). Returns the
+    plan of the fitting sequences and the held-out ids (k, L), or None."""
+    if validation is None or validation == 0 or plan.batches is None:
+        return plan, None
+    seqs = [row for b in plan.batches for row in b]
+    total = len(seqs)
+    count = held_count(validation, total)
     held = seqs[total - count:]
     if len({s.numel() for s in held}) > 1:
         raise ValueError("the held-out validation sequences must have one length; give calibration windows of one seqlen")

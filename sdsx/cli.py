@@ -152,6 +152,7 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blocks", metavar="PATH", default=None,
                    help="where the decoder blocks are, for a model whose layout sdsx does not know: the dotted attribute "
                         "path from the model to their nn.ModuleList (e.g. model.layers)")
+    from sdsx.pruners.blockfit import DEVIATIONS
     from sdsx.pruners.sds import SDSOptions
 
     d = SDSOptions()  # the help shows the library's defaults; unset options are not passed on
@@ -211,7 +212,7 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--other-validation", default="self", metavar="SRC",
                    help="validation windows from another domain, beside the held-out calibration ones: self (default: "
                         "sampled from the dense model), none, or a local text file (windows drawn from it)")
-    g.add_argument("--deviation", choices=("balanced", "plain"), default=None,
+    g.add_argument("--deviation", choices=DEVIATIONS, default=None,
                    help="how a block's distance from the dense model is measured for the guards and the block fit: "
                         "balanced (default: every hidden channel weighed by its dense RMS) or plain")
     g.add_argument("--no-early-stop", action="store_true",
@@ -380,18 +381,6 @@ def _device(arg: str | None):
     return dev
 
 
-@contextlib.contextmanager
-def _on_device(model: Any, device: Any):
-    home = next(model.parameters()).device
-    if home != device:
-        model.to(device)
-    try:
-        yield model
-    finally:
-        if home != device:
-            model.to(home)
-
-
 # ----------------------------------------------------------------------------------- evaluation
 class _Evaluator:
     """Perplexity text tokenized once, zero-shot tasks checked before any long work."""
@@ -456,7 +445,9 @@ class _Evaluator:
             else:
                 from sdsx.eval.zeroshot import zero_shot as run
 
-            with _on_device(model, device):
+            from sdsx.eval.perplexity import evaluating_on
+
+            with evaluating_on(model, device):
                 out["zeroshot"] = run(
                     model, self.tokenizer, self.tasks, data_dir=self.args.data_dir, limit=self.args.limit,
                     batch_size=self.args.batch_size, bos=self.args.bos,
@@ -565,14 +556,15 @@ def _other_validation(args: argparse.Namespace, calib: Any, tokenizer: Any) -> A
         raise CLIError(f"--other-validation {value!r} is neither self, none nor a text file")
     if tokenizer is None:
         raise CLIError("--other-validation with a text file needs the model's tokenizer")
+    from sdsx.api import held_count
     from sdsx.data.calibration import calibration
     from sdsx.sds import auto_validation
 
+    total = int(calib.shape[0])
     validation = _validation_arg(args)
-    count = auto_validation(int(calib.shape[0])) if validation == "auto" else validation
+    count = held_count(auto_validation(total) if validation == "auto" else validation, total)
     if not count:
         return None
-    count = count if isinstance(count, int) else max(1, round(count * int(calib.shape[0])))
     return calibration(str(path), tokenizer, nsamples=count, seqlen=int(calib.shape[1]), seed=args.seed + 1, bos=args.bos)
 
 

@@ -285,6 +285,7 @@ def sds_prune(
     sources = _validation_sources(model, held, other_validation)
     others = [v for k, v in sources.items() if k != "calibration"]
     held_other = torch.cat(others) if others else None
+    counts = {k: int(v.shape[0]) for k, v in sources.items()}
     if histogram_layer is None:
         histogram_layer = next(iter(model_linears(model)))
 
@@ -292,7 +293,7 @@ def sds_prune(
     if held is not None:
         run_options["validation"] = int(held.shape[0])
         if held_other is not None:
-            run_options["validation_sources"] = {k: int(v.shape[0]) for k, v in sources.items()}
+            run_options["validation_sources"] = counts
     checkpoint = open_checkpoint(checkpoint_dir, model, plan, run_options, save_activations)
     common = dict(device=device, offload=offload, progress=progress, batch_size=batch_size, checkpoint=checkpoint)
 
@@ -349,7 +350,7 @@ def sds_prune(
     report.histogram_layer = histogram_layer
     if guard is not None:
         report.model_guard = guard
-    report.validation_sources = run_options.get("validation_sources") or ({"calibration": int(held.shape[0])} if held is not None else {})
+    report.validation_sources = counts
     if schedule == "parallel":
         report.parallel = par.to_dict()
     if snaps:

@@ -22,7 +22,7 @@ from sdsx.checkpoint import _fault
 from sdsx.numerics import all_finite
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
 from sdsx.pruners.base import PruneResult
-from sdsx.pruners.blockfit import BlockFitOptions, BlockFitRecord, channel_weights, fit_block, relative_error, visited
+from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions, BlockFitRecord, channel_weights, fit_block, relative_error, visited
 from sdsx.stats import GramAccumulator
 
 if TYPE_CHECKING:
@@ -192,12 +192,6 @@ def hidden_deviation(out: list[torch.Tensor], target: list[torch.Tensor], weight
     return total / max(count, 1)
 
 
-#: How the driver measures a block's deviation from the dense model (the block guard, the block
-#: fit's loss and its choice of iterate): "balanced" weighs every hidden channel by the inverse of
-#: its dense RMS (:func:`sdsx.pruners.blockfit.channel_weights`), "plain" by its own size.
-DEVIATIONS = ("balanced", "plain")
-
-
 #: ``block_choice(index) -> [(label, {linear name: weight}), ...]``: candidate weight sets for the
 #: block just solved (the weights written back are the first candidate). The driver keeps the one
 #: whose output on the validation windows is closest to the dense model's hidden state.
@@ -246,7 +240,7 @@ class BlockDriver:
         batch_size: calibration sequences per block forward call.
         progress: show a tqdm bar per block.
         desc: the progress bar's label.
-    deviation: how a block's distance from the dense model is measured on the validation windows
+        deviation: how a block's distance from the dense model is measured on the validation windows
             and in the block fit's loss (:data:`DEVIATIONS`); "balanced" (default) weighs each hidden
             channel by the inverse of its dense RMS.
     """
@@ -805,6 +799,7 @@ class BlockDriver:
                     accs: dict[str, Any] = {}
                     crosses: dict[int, Any] = {}
                     vaccs: dict[str, Any] = {}
+                    oaccs: dict[str, Any] = {}  # another domain's validation windows: validate, stay out of H
                     # the block fit's local targets are the statistics pass's own outputs (the fit runs with stats="full")
                     local = [] if (block_fit is not None and block_fit.target == "local") else None
                     if self.stats != "none":
@@ -813,19 +808,18 @@ class BlockDriver:
                         vaccs = self._statistics(block, linears, val.pruned[: val.calib], arguments, result, memory)
                         if val.calib < len(val.pruned):
                             oaccs = self._statistics(block, linears, val.pruned[val.calib :], arguments, result, memory)
-                            vaccs = {name: (vaccs[name], oaccs[name]) for name in vaccs}
                         t0 = self._now()
                         for x in val.dense:  # the dense model's hidden state after this block
                             x.copy_(self._call(block, x.to(self.device), arguments))
                         result.forward_s += self._now() - t0
                     targets = local if local is not None else self._fit_targets(block, buffer, arguments, result, block_fit, dense, fit_dense)
                     weight = self._channel_weights(targets, val)
-                    self._solve(index, linears, accs, layer_fn, result, memory, crosses, vaccs)
-                    flat = [a for v in vaccs.values() for a in (v if isinstance(v, tuple) else (v,))]
-                    for acc in {id(a): a for a in list(accs.values()) + flat}.values():
+                    self._solve(index, linears, accs, layer_fn, result, memory, crosses, vaccs, oaccs)
+                    for acc in {id(a): a for d in (accs, vaccs, oaccs) for a in d.values()}.values():
                         memory.sub(_nbytes(vars(acc)))
                     accs.clear()
                     vaccs.clear()
+                    oaccs.clear()
                     fit = None
                     if block_fit is not None:
                         def fit(v: _Validation | None, start: float | None = None, index=index, block=block, linears=linears,
@@ -1004,6 +998,7 @@ class BlockDriver:
         memory: _Memory,
         crosses: dict[int, Any] | None = None,
         vaccs: dict[str, Any] | None = None,
+        oaccs: dict[str, Any] | None = None,
     ) -> None:
         finalized: dict[int, torch.Tensor] = {}
         cross_final: dict[int, torch.Tensor] = {}
@@ -1027,7 +1022,7 @@ class BlockDriver:
                     split_all = splits.get(id(acc))
                     if split_all is None:
                         t0 = self._now()
-                        vacc, other = vaccs[name] if isinstance(vaccs[name], tuple) else (vaccs[name], None)
+                        vacc, other = vaccs[name], (oaccs or {}).get(name)
                         Hv = vacc.finalize()
                         # H over all calibration windows, so that phase 1 / a base pruner sees all of it
                         H_all = (H * acc.tokens + Hv * vacc.tokens) / (acc.tokens + vacc.tokens)

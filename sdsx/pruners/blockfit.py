@@ -28,11 +28,16 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = [
-    "BlockFitOptions", "BlockFitRecord", "as_block_fit", "channel_weights", "fit_block", "relative_error", "visit_order", "visited",
+    "DEVIATIONS", "BlockFitOptions", "BlockFitRecord", "as_block_fit", "channel_weights", "fit_block", "relative_error",
+    "visit_order", "visited",
 ]
 
 TARGETS = ("dense", "local")
 LR_MODES = ("absolute", "relative")
+#: How a block's deviation from the dense model is measured (the block guard, the block fit's loss
+#: and its choice of iterate): "balanced" weighs every hidden channel by the inverse of its dense RMS
+#: (:func:`channel_weights`), "plain" by its own size.
+DEVIATIONS = ("balanced", "plain")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 from sdsx import ops
 from sdsx.numerics import exact_fp32
 from sdsx.pruners.base import PruneResult, apply_mask, reconstruction_error
-from sdsx.pruners.blockfit import BlockFitOptions
+from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions
 from sdsx.pruners.magnitude import magnitude, select_mask
 from sdsx.pruners.sparsegpt import FactorCache, sparsegpt
 from sdsx.pruners.spec import SparsitySpec
@@ -149,8 +149,8 @@ class SDSOptions:
             raise ValueError(f"adjust_score must be one of {ADJUST_SCORES}, got {self.adjust_score!r}")
         if self.blocksize < 1:
             raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
-        if self.deviation not in ("balanced", "plain"):
-            raise ValueError(f"deviation must be 'balanced' or 'plain', got {self.deviation!r}")
+        if self.deviation not in DEVIATIONS:
+            raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
         self.block_fit_options()  # checks the block fit's settings
         return self
 
