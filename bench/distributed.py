@@ -98,7 +98,7 @@ def tail_costs(opts_kwargs: dict[str, Any] | None = None, tokens: int = 4096, re
     """Seconds of phase 1 (SparseGPT 2:4) and of phases 2/3 (sds_tail) for one layer of each of
     SmolLM2-135M's shapes, on random weights and inputs, in this process (1 thread): the measured
     per-layer costs the 70B plan in docs/distributed.md extrapolates from (by r*c^2 and c^3)."""
-    from sdsx.pruners.sds import SDSOptions, SharedH, _one_shot, sds_tail
+    from sdsx.pruners.sds import SDSOptions, SharedH, prune_once, sds_tail
     from sdsx.pruners.spec import SparsitySpec
 
     torch.set_num_threads(1)
@@ -115,7 +115,7 @@ def tail_costs(opts_kwargs: dict[str, Any] | None = None, tokens: int = 4096, re
         for _ in range(repeats):
             sh = SharedH(opts)(H)
             t0 = time.perf_counter()
-            s1 = _one_shot("sparsegpt", W, H, spec, opts, name, sh.factor)
+            s1 = prune_once("sparsegpt", W, H, spec, opts, name, sh.factor)
             t1 = time.perf_counter()
             sds_tail(W, s1, H, spec, opts, name, shared=SharedH(opts))
             t2 = time.perf_counter()

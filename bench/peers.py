@@ -472,7 +472,6 @@ def _worker(spec_path: str) -> int:
 
 def _run_sdsx(model, calib, spec) -> dict:
     import sdsx
-    from sdsx import _ext
 
     rss_before = _peak_rss_bytes()  # the model loaded and the library imported
     t0 = time.perf_counter()
@@ -482,7 +481,7 @@ def _run_sdsx(model, calib, spec) -> dict:
         wall_s=wall, forward_s=rep.forward_s, stats_s=rep.stats_s, solver_s=rep.solver_s,
         other_s=wall - rep.forward_s - rep.stats_s - rep.solver_s, report_total_s=rep.total_s,
         options=rep.options, total_error=rep.total_error if math.isfinite(rep.total_error) else None,
-        versions={"sdsx": sdsx.__version__, **_versions(("torch", "transformers"))}, backend=_ext.backend_info(),
+        versions={"sdsx": sdsx.__version__, **_versions(("torch", "transformers"))}, backend=sdsx.backend_info(),
         peak_rss_before_bytes=rss_before,
     )
 
@@ -492,11 +491,11 @@ def _run_peer(model, calib, spec) -> dict:
     compress step, the subgraph forwards and the tracing (read from its source: the modifiers'
     ``calibrate_module`` / ``compress_modules``, ``Subgraph.forward``, ``trace_subgraphs``)."""
     import torch
-    from torch.utils.data import DataLoader
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.pipelines.sequential import helpers as seq_helpers
     from llmcompressor.pipelines.sequential import pipeline as seq_pipeline
+    from torch.utils.data import DataLoader
 
     timers = {"hook": 0.0, "compress": 0.0, "subgraph_forward": 0.0, "trace": 0.0}
     calls = dict.fromkeys(timers, 0)
@@ -644,12 +643,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from safetensors.torch import load_file
+
     import sdsx
     from sdsx.data import load_text
     from sdsx.data.calibration import encode
     from sdsx.data.paths import cache_root
     from sdsx.model.smollm2 import default_cache_dir, load_smollm2
-    from safetensors.torch import load_file
 
     methods, patterns = parse_list(args.methods), parse_list(args.patterns)
     seeds = [int(s) for s in parse_list(args.seeds)]

@@ -25,6 +25,7 @@ _LAZY = {
     "magnitude": "sdsx.pruners",
     "wanda": "sdsx.pruners",
     "sparsegpt": "sdsx.pruners",
+    "ria": "sdsx.pruners",
     "prune": "sdsx.api",
     "PruneReport": "sdsx.api",
     "SDSReport": "sdsx.sds",

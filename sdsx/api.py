@@ -16,11 +16,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, use_blocks, vocab_size
 from sdsx.checkpoint import Checkpoint, fingerprint_calibration, fingerprint_model
+from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, use_blocks, vocab_size
 from sdsx.model.driver import BlockDriver, BlockState, DriverResult, LayerFn, as_batches
 from sdsx.numerics import exact_fp32
-from sdsx.pruners import FactorCache, PruneResult, SparsitySpec, magnitude, sparsegpt, wanda
+from sdsx.pruners import PruneResult, SparsitySpec, registry
 from sdsx.pruners.blockfit import BlockFitOptions, as_block_fit
 
 log = logging.getLogger("sdsx")
@@ -30,7 +30,7 @@ __all__ = [
     "split_validation", "validate",
 ]
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = registry.names()  # every registered pruner (sdsx.pruners.registry)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -280,19 +280,6 @@ def split_validation(plan: Plan, validation: int | float | None, batch_size: int
 
 
 # ------------------------------------------------------------------------------- layer functions
-def _sparsegpt_shared(spec: SparsitySpec, blocksize: int, percdamp: float, report_error: bool) -> LayerFn:
-    """SparseGPT whose Hessian factorization is reused by linears that share their input (q/k/v,
-    gate/up): the driver hands them the same H object, and the factor depends only on H."""
-    factors = FactorCache(percdamp)
-
-    def fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
-        if H is None:
-            raise ValueError(f"{name}: SparseGPT needs the layer's Hessian")
-        return sparsegpt(W, H, spec, blocksize, percdamp, name, factor=factors(H, name), report_error=report_error)
-
-    return fn
-
-
 def layer_function(
     method: str,
     spec: SparsitySpec,
@@ -300,21 +287,23 @@ def layer_function(
     blocksize: int = 128,
     percdamp: float = 0.01,
     report_error: bool = True,
+    options: Any = None,
 ) -> tuple[LayerFn, str]:
-    """The layer function of a method and the statistics it needs ("full", "diag" or "none")."""
-    if method == "magnitude":
-        return (lambda name, W, H: magnitude(W, spec, H)), ("full" if report_error else "none")
-    if method == "wanda":
+    """The layer function of a registered pruner (:mod:`sdsx.pruners.registry`) and the statistics
+    it needs ("full", "diag" or "none"). ``options`` is the pruner's options dataclass (default: its
+    defaults, with ``blocksize`` and ``percdamp`` for the pruners that take them); ``report_error``
+    asks for every layer's error tr(D H D^T), and so for the full H."""
+    entry = registry.get(method)
+    if options is None:
+        options = registry.options_from(entry, blocksize=blocksize, percdamp=percdamp)
+    elif not isinstance(options, entry.options):
+        raise TypeError(f"options of {entry.name} must be a {entry.options.__name__}, got {type(options).__name__}")
+    shared = entry.shared(options) if entry.shared is not None else None
 
-        def wanda_fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
-            if H.dim() == 1:
-                return wanda(W, H, spec)
-            return wanda(W, torch.diagonal(H), spec, hessian=H)
+    def fn(name: str, W: torch.Tensor, H: torch.Tensor | None) -> PruneResult:
+        return entry.solve(W, H, spec, options, registry.LayerContext(name, shared, report_error))
 
-        return wanda_fn, ("full" if report_error else "diag")
-    if method == "sparsegpt":
-        return _sparsegpt_shared(spec, blocksize, percdamp, report_error), "full"
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return fn, entry.stats_for(report_error)
 
 
 def _check_options(method: str, blocksize: Any, percdamp: Any, methods: Sequence[str] = METHODS) -> None:
@@ -327,7 +316,7 @@ def _check_options(method: str, blocksize: Any, percdamp: Any, methods: Sequence
 
 
 @exact_fp32()
-def run_driver(
+def run_driver(  # noqa: PLR0913
     model: nn.Module,
     plan: Plan,
     layer_fn: LayerFn,
@@ -381,7 +370,7 @@ def open_checkpoint(
 
 
 # ------------------------------------------------------------------------------------ public API
-def prune(
+def prune(  # noqa: PLR0913
     model: nn.Module,
     calib: torch.Tensor | Sequence[torch.Tensor] | None,
     method: str = "sparsegpt",
@@ -399,6 +388,7 @@ def prune(
     validation: int | float | None = None,
     block_fit: BlockFitOptions | dict[str, Any] | bool | None = None,
     blocks: str | None = None,
+    options: Any = None,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block of ``model`` in place, in one shot.
 
@@ -409,7 +399,7 @@ def prune(
         model: a Hugging Face causal LM (LLaMA/SmolLM2/Mistral/Qwen, OPT, GPT-2 families).
         calib: calibration token ids, a LongTensor (nsamples, seqlen) or a list of them (see
             :func:`sdsx.calibration`); may be None for ``magnitude`` with ``report_error=False``.
-        method: "sparsegpt", "wanda" or "magnitude".
+        method: a registered pruner (:data:`METHODS`): "sparsegpt", "wanda", "ria" or "magnitude".
         sparsity: a fraction in [0, 1) (unstructured), or "2:4" / "4:8" (N kept of every M inputs).
         blocksize: SparseGPT's lazy-update block (columns).
         percdamp: SparseGPT's damping, a fraction of mean(diag H).
@@ -441,6 +431,10 @@ def prune(
         blocks: where the decoder blocks are, for a model whose layout sdsx does not know: the
             dotted attribute path from ``model`` to their ``nn.ModuleList`` (e.g.
             ``"backbone.layers"``; see :func:`sdsx.model.blocks.use_blocks`).
+        options: the pruner's own options, an instance of its registered options dataclass or a
+            dict of its fields (e.g. ``{"alpha": 0.5}`` for RIA; see
+            :mod:`sdsx.pruners.registry`); ``blocksize`` and ``percdamp`` fill the fields it leaves
+            out.
     Returns:
         A :class:`PruneReport`.
     """
@@ -451,6 +445,7 @@ def prune(
         use_blocks(model, blocks)
     _check_options(method, blocksize, percdamp)
     method = method.lower()
+    pruner_options = registry.make_options(registry.get(method), options, blocksize=blocksize, percdamp=percdamp)
     spec = SparsitySpec.parse(sparsity)
     fit = as_block_fit(block_fit)
     if fit is not None and method == "magnitude" and calib is None:
@@ -458,7 +453,7 @@ def prune(
     if report_error is None:
         report_error = method == "sparsegpt"
     # the validation statistics need the full Gram, which is what report_error asks of every method
-    layer_fn, stats = layer_function(method, spec, blocksize=blocksize, percdamp=percdamp, report_error=report_error or bool(validation) or fit is not None)
+    layer_fn, stats = layer_function(method, spec, report_error=report_error or bool(validation) or fit is not None, options=pruner_options)
     plan = validate(model, calib, spec, need_calib=stats != "none", batch_size=batch_size)
     if stats == "none" and plan.batches is not None:
         plan = Plan(plan.spec, None)
@@ -466,19 +461,23 @@ def prune(
     if held is not None:
         inner = layer_fn
         layer_fn = lambda name, W, H, split=None: inner(name, W, H)  # noqa: E731 (the pruner ignores the split)
-    options = dict(blocksize=blocksize, percdamp=percdamp, offload=offload, report_error=report_error, batch_size=batch_size)
+    run_options = dict(blocksize=getattr(pruner_options, "blocksize", blocksize), percdamp=getattr(pruner_options, "percdamp", percdamp),
+                       offload=offload, report_error=report_error, batch_size=batch_size)
     if held is not None:
-        options["validation"] = int(held.shape[0])
+        run_options["validation"] = int(held.shape[0])
     if fit is not None:
-        options["block_fit"] = asdict(fit)
-    fingerprint_options = {k: v for k, v in options.items() if k != "offload"}  # offload moves data, changes nothing
+        run_options["block_fit"] = asdict(fit)
+    extra = {k: v for k, v in asdict(pruner_options).items() if k not in ("blocksize", "percdamp")}
+    if extra:  # the pruner's own options (RIA's alpha); SparseGPT's are recorded above as before
+        run_options["pruner_options"] = extra
+    fingerprint_options = {k: v for k, v in run_options.items() if k != "offload"}  # offload moves data, changes nothing
     checkpoint = open_checkpoint(checkpoint_dir, model, plan, dict(fingerprint_options, method=method), save_activations)
     result = run_driver(
         model, plan, layer_fn, stats, device=device, offload=offload, progress=progress,
         desc=f"{method} {spec}", batch_size=batch_size, checkpoint=checkpoint, validation=held,
         block_fit=fit,
     )
-    report = report_from(result, method, spec, options)
+    report = report_from(result, method, spec, run_options)
     report.total_s = max(result.total_s, time.perf_counter() - start)  # a resumed run includes its earlier part
     if plan.batches is not None:
         report.nsamples = sum(b.shape[0] for b in plan.batches) + (0 if held is None else int(held.shape[0]))

@@ -57,7 +57,7 @@ class CheckpointMismatch(ValueError):
 _fault_counts: dict[str, int] = {}
 
 
-def _fault(event: str) -> None:
+def fault_point(event: str) -> None:
     """Kill this process with SIGKILL at the n-th ``event`` when ``SDSX_KILL_AT=event:n`` is set.
 
     Only the tests use it, to interrupt runs at exact points (inside a checkpoint write, in the
@@ -141,7 +141,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         half = len(data) // 2
         f.write(data[:half])
         f.flush()
-        _fault("write")  # a kill here leaves half a temporary file, which must not matter
+        fault_point("write")  # a kill here leaves half a temporary file, which must not matter
         f.write(data[half:])
         f.flush()
         os.fsync(f.fileno())
@@ -149,7 +149,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=dict(metadata) if metadata else None)
@@ -293,11 +293,11 @@ class Checkpoint:
         if index != len(entry["blocks"]):
             raise RuntimeError(f"checkpoint: block {index} of pass {pass_name!r} saved out of order ({len(entry['blocks'])} finished)")
         name = f"{pass_name}-block-{index:05d}.safetensors"
-        sha = _atomic_save_tensors(self.files / name, tensors)
+        sha = atomic_save_tensors(self.files / name, tensors)
         old = entry.get("activations")
         if activations is not None:
             act_name = f"{pass_name}-act-{index:05d}.safetensors"
-            act_sha = _atomic_save_tensors(self.files / act_name, {str(i): t for i, t in enumerate(activations)})
+            act_sha = atomic_save_tensors(self.files / act_name, {str(i): t for i, t in enumerate(activations)})
             entry["activations"] = {"file": act_name, "sha256": act_sha, "after": index}
         else:
             entry["activations"] = None

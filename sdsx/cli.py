@@ -26,8 +26,6 @@ __all__ = ["CLIError", "main", "build_parser", "load_model", "data_root"]
 BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m")  # sdsx.model.offline
 DEFAULT_NSAMPLES = 32
 DEFAULT_SEQLEN = 512
-PRUNE_METHODS = ("sds", "sparsegpt", "wanda", "magnitude")
-COMPARE_METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "sds", "sds-sparsegpt", "sds-wanda")
 #: sdsx.data.bos.BOS_MODES, spelled out so that --help does not import torch
 BOS_CHOICES = ("auto", "always", "never")
 CALIB_FILE = Path("calib") / "sotu_1990_2021.txt"
@@ -55,6 +53,20 @@ def _default_file(rel: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- argument types
+def _prune_methods() -> tuple[str, ...]:
+    """sds and every registered pruner (sdsx.pruners.registry)."""
+    from sdsx.pruners import registry
+
+    return ("sds",) + registry.names()
+
+
+def _compare_methods() -> tuple[str, ...]:
+    """What ``sdsx compare --methods`` takes: dense, every pruner, sds and sds-<pruner>."""
+    from sdsx.pruners import registry
+
+    return ("dense",) + registry.names() + ("sds",) + tuple(f"sds-{p}" for p in registry.sds_names())
+
+
 def _sparsity(text: str) -> str:
     from sdsx.pruners.spec import SparsitySpec
 
@@ -93,9 +105,10 @@ def _nonneg_float(text: str) -> float:
 
 def _method_list(text: str) -> list[str]:
     items = [s.strip().lower() for s in text.split(",") if s.strip()]
-    bad = [m for m in items if m not in COMPARE_METHODS]
+    choices = _compare_methods()
+    bad = [m for m in items if m not in choices]
     if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown method {bad[0] if bad else text!r}; choose from {', '.join(COMPARE_METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method {bad[0] if bad else text!r}; choose from {', '.join(choices)}")
     return list(dict.fromkeys("sds-sparsegpt" if m == "sds" else m for m in items))
 
 
@@ -230,6 +243,39 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
                         f"pruned input (local) (default {d.block_target})")
     g.add_argument("--early-exit-params", type=float, default=3e9, metavar="P",
                    help="skip the adjustment for models with more than P parameters (the paper's early exit; default 3e9)")
+    _registered_pruner_options(p)
+
+
+_SHARED_PRUNER_OPTIONS = ("blocksize", "percdamp")  # flags of their own above, also read by SDS
+
+
+def _registered_pruner_options(p: argparse.ArgumentParser) -> None:
+    """--<pruner>-<option> for every registered pruner's own options (sdsx.pruners.registry), with
+    the help and defaults its options dataclass gives."""
+    from sdsx.pruners import registry
+
+    g = p.add_argument_group("options of the registered pruners (with --method <pruner>, or --method sds --pruner <pruner>)")
+    for name in registry.names():
+        entry = registry.get(name)
+        helps = registry.option_help(entry)
+        for f in dataclasses.fields(entry.options):
+            if f.name in _SHARED_PRUNER_OPTIONS:
+                continue
+            default = getattr(entry.options(), f.name)
+            kind = type(default) if isinstance(default, (int, float, str)) and not isinstance(default, bool) else str
+            g.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=f"pruner_{name}__{f.name}", type=kind, default=None,
+                           metavar=f.name.upper(), help=f"{helps[f.name]} (default {default})")
+
+
+def _pruner_options(args: argparse.Namespace, pruner: str) -> dict[str, Any] | None:
+    """The --<pruner>-<option> values given for ``pruner`` (None when none was)."""
+    prefix = f"pruner_{pruner}__"
+    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    others = sorted(k.split("__")[0][len("pruner_"):] for k, v in vars(args).items()
+                    if k.startswith("pruner_") and "__" in k and v is not None and not k.startswith(prefix))
+    if others:
+        raise CLIError(f"--{others[0]}-... options were given, but the pruner is {pruner}")
+    return given or None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,9 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "and save the pruned model with --out.",
     )
     p.add_argument("model", metavar="MODEL", help="smollm2-135m or gemma3-270m (offline, from PyPI), a local model folder, or a hub name")
-    p.add_argument("--method", default="sds", choices=PRUNE_METHODS,
-                   help="sds: Sparse-Dense-Sparse on top of --pruner (default); sparsegpt, wanda, magnitude: one-shot baselines")
-    p.add_argument("--pruner", default="sparsegpt", choices=("sparsegpt", "wanda"),
+    from sdsx.pruners import registry
+
+    p.add_argument("--method", default="sds", choices=_prune_methods(),
+                   help="sds: Sparse-Dense-Sparse on top of --pruner (default); otherwise a one-shot pruner: "
+                        + "; ".join(f"{n}: {registry.get(n).summary}" for n in registry.names()))
+    p.add_argument("--pruner", default="sparsegpt", choices=registry.sds_names(),
                    help="the one-shot pruner inside SDS (default sparsegpt); ignored by the other methods")
     p.add_argument("--sparsity", type=_sparsity, default="2:4",
                    help="N:M pattern (keep N of every M inputs, e.g. 2:4, 4:8) or an unstructured fraction such as 0.5 or 50%% (default 2:4)")
@@ -290,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL", help="smollm2-135m or gemma3-270m (offline, from PyPI), a local model folder, or a hub name")
     p.add_argument("--methods", type=_method_list, default=["sparsegpt", "wanda", "sds-sparsegpt"],
-                   help=f"comma-separated, from {', '.join(COMPARE_METHODS)} (sds = sds-sparsegpt); "
+                   help=f"comma-separated, from {', '.join(_compare_methods())} (sds = sds-sparsegpt); "
                         "default sparsegpt,wanda,sds-sparsegpt; the dense model is always evaluated too")
     p.add_argument("--sparsity", type=_sparsity_list, default=["2:4"], help="comma-separated patterns, e.g. 2:4,4:8,0.5 (default 2:4)")
     p.add_argument("--report", metavar="DIR", default=None, help="report folder (default sdsx-runs/<time>-<model>-compare)")
@@ -304,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _hub_offline() -> bool:
     if any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return True
-    from sdsx.data.text import _hub_reachable
+    from sdsx.data.text import hub_reachable
 
-    return not _hub_reachable()
+    return not hub_reachable()
 
 
 def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, dict | None, str]:
@@ -578,10 +627,14 @@ def _run_method(
         from sdsx.sds import sds_prune
 
         pruner = method.split("-", 1)[1] if "-" in method else args.pruner
+        overrides = _sds_overrides(args)
+        own = _pruner_options(args, pruner)
+        if own:
+            overrides["pruner_options"] = own
         return sds_prune(
             model, calib, sparsity, pruner, schedule=args.schedule or "interleaved", early_exit_params=args.early_exit_params,
             device=device, progress=progress, checkpoint_dir=checkpoint_dir, validation=_validation_arg(args),
-            other_validation=_other_validation(args, calib, tokenizer), **_sds_overrides(args),
+            other_validation=_other_validation(args, calib, tokenizer), **overrides,
         )
     from sdsx.api import prune
 
@@ -592,6 +645,9 @@ def _run_method(
         kwargs["percdamp"] = args.percdamp
     if args.report_error is not None:
         kwargs["report_error"] = args.report_error
+    own = _pruner_options(args, method)
+    if own:
+        kwargs["options"] = own
     if args.block_fit:
         from sdsx.pruners.sds import SDSOptions
         from sdsx.sds import auto_validation

@@ -98,19 +98,19 @@ def layer_sparsity(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (str, int, bool)) or value is None:
         return value
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
+        return json_safe(value.tolist())
     return str(value)
 
 
@@ -197,7 +197,7 @@ def save_pruned(
         "report": rep,
     }
     tmp = out / (META_NAME + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(record), indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(json_safe(record), indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / META_NAME)
     log.info("saved %s model (%s, %.2f%% zeros in the block linears) to %s", method or "pruned", pattern, 100 * record["overall_sparsity"], out)
     return out

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from sdsx.checkpoint import _atomic_save_tensors, _fault
+from sdsx.checkpoint import atomic_save_tensors, fault_point
 from sdsx.pruners.base import PruneResult
 from sdsx.pruners.sds import SDSLayerResult, SDSOptions, SharedH, sds_tail
 from sdsx.pruners.spec import SparsitySpec
@@ -159,7 +159,7 @@ class LayerStore:
         """Phase 1's output for ``name``, with its H: a task is self-contained, so deleting it once
         its result exists frees everything it held (linears that share an input each carry a copy:
         that costs traffic, but no file outlives the layers that need it)."""
-        _atomic_save_tensors(
+        atomic_save_tensors(
             self._task(name),
             {"W_d": W_d, "weight": s1.weight.float(), "mask": s1.mask, "H": H.float(),
              "loss": torch.tensor(float(s1.loss), dtype=torch.float64)},
@@ -186,7 +186,7 @@ class LayerStore:
         tensors = {"weight": res.result.weight, "mask": res.result.mask}
         tensors.update({f"snap.{k}": v for k, v in (res.weights or {}).items()})
         meta = {"errors": res.errors, "kept": res.kept_phase1, "loss": float(res.result.loss), "seconds": seconds}
-        _atomic_save_tensors(self._result(name), tensors, metadata={"record": json.dumps(meta)})
+        atomic_save_tensors(self._result(name), tensors, metadata={"record": json.dumps(meta)})
 
     def read_result(self, name: str) -> SDSLayerResult:
         from safetensors import safe_open
@@ -225,7 +225,7 @@ class ParallelStats:
         return {"world": self.world, "phase23_wall_s": self.phase23_wall_s, "ranks": self.ranks}
 
 
-class _Clock:
+class Clock:
     def __init__(self, rank: int) -> None:
         self.rank, self.layers, self.busy, self.first, self.last = rank, 0, 0.0, 0.0, 0.0
 
@@ -248,7 +248,7 @@ def run_task(store: LayerStore, name: str, spec: SparsitySpec, opts: SDSOptions,
     W_d, s1, H = store.read_task(name)
     res = sds_tail(W_d, s1, H, spec, opts, name, keep_weights, SharedH(opts))
     t1 = time.time()
-    _fault("task")
+    fault_point("task")
     store.write_result(name, res, t1 - t0)
     store.drop_task(name)
     return t0, t1
@@ -277,7 +277,7 @@ def worker(directory: str | os.PathLike | None = None) -> ParallelStats | None:
     for name, owner in cfg["owners"].items():
         if owner == rank:
             mine.setdefault(cfg["blocks"][name], []).append(name)
-    clock, idle = _Clock(rank), 0.0
+    clock, idle = Clock(rank), 0.0
     signal_ = torch.zeros(1, dtype=torch.int64)
     try:
         while True:

@@ -110,9 +110,9 @@ def _label(rep: Mapping[str, Any]) -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    from sdsx.io import _json_safe as safe
+    from sdsx.io import json_safe
 
-    return safe(value)
+    return json_safe(value)
 
 
 _BLOCK = re.compile(r"\.(\d+)\.")

@@ -24,13 +24,12 @@ from torch import nn
 
 from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, split_validation, validate
 from sdsx.model.blocks import find_blocks, get_weight, model_linears, use_blocks
-from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error
+from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error, registry
 from sdsx.pruners.sds import (
-    PRUNERS,
     SDSOptions,
     SharedH,
-    _one_shot,
     final_adjust,
+    prune_once,
     redense,
     regularizer_scale,
     sds_layer,
@@ -177,7 +176,7 @@ def auto_validation(nsamples: int, schedule: str = "interleaved") -> int | None:
     return max(2, round(nsamples / 8)) if (schedule == "interleaved" and nsamples >= 8) else None
 
 
-def sds_prune(
+def sds_prune(  # noqa: PLR0913
     model: nn.Module,
     calib: torch.Tensor | Sequence[torch.Tensor],
     sparsity: SparsitySpec | str | float = "2:4",
@@ -204,7 +203,8 @@ def sds_prune(
         model: a Hugging Face causal LM (see :func:`sdsx.prune`).
         calib: calibration token ids (nsamples, seqlen), see :func:`sdsx.calibration`.
         sparsity: "2:4", "4:8", or a fraction in [0, 1).
-        pruner: the one-shot pruner of phases 1 and 3: "sparsegpt" or "wanda".
+        pruner: the one-shot pruner of phases 1 and 3: "sparsegpt", "wanda" or "ria" (any registered
+            pruner that SDS may use, :func:`sdsx.pruners.registry.sds_names`).
         schedule: "interleaved" (one calibration pass), "phased" (the paper's, one pass a phase) or
             "parallel" (phases 2/3 of all layers independent, spread over the ranks of an initialised
             torch.distributed group; needs ``checkpoint_dir`` with more than one rank, see
@@ -250,8 +250,8 @@ def sds_prune(
             )
         if rank > 0:
             return worker(checkpoint_dir)
-    if not isinstance(pruner, str) or pruner.lower() not in PRUNERS:
-        raise ValueError(f"unknown SDS pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
+    if not isinstance(pruner, str) or pruner.lower() not in registry.sds_names():
+        raise ValueError(f"unknown SDS pruner {pruner!r}; choose one of {', '.join(registry.sds_names())}")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     base = options or SDSOptions()
@@ -434,7 +434,7 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
     phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
 
     def sparse_fn(name, W, H):
-        res = _one_shot(opts.pruner, W, H, spec, opts, name, shared(H).factor)
+        res = prune_once(opts.pruner, W, H, spec, opts, name, shared(H).factor)
         first[name] = PruneResult(res.weight.to("cpu", copy=True), res.mask.cpu(), res.loss)
         phase_errors[name] = {"sparse": res.loss}
         if name == histogram_layer:
@@ -460,7 +460,7 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
     def final_fn(name, W, H):
         Wd = dense[name].to(W.device).float()
         sh = shared(H)
-        s2 = _one_shot(opts.pruner, W, H, spec, opts, name, sh.factor) if opts.redense else PruneResult(W, W != 0, 0.0)
+        s2 = prune_once(opts.pruner, W, H, spec, opts, name, sh.factor) if opts.redense else PruneResult(W, W != 0, 0.0)
         new, mask = s2.weight.float(), s2.mask
         phase_errors[name]["sparse2"] = reconstruction_error(Wd, new, H)
         if opts.adjust:
@@ -492,7 +492,7 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
     """The "parallel" schedule on rank 0 (see :mod:`sdsx.parallel`): phase 1 through the driver,
     whose pass propagates phase 1's outputs; phases 2/3 per layer, here or on the other ranks."""
     from sdsx.model.blocks import set_weight
-    from sdsx.parallel import Coordinator, LayerStore, ParallelStats, _Clock, run_task
+    from sdsx.parallel import Clock, Coordinator, LayerStore, ParallelStats, run_task
 
     checkpoint = common["checkpoint"]
     linears = model_linears(model)
@@ -505,11 +505,11 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
     shared = SharedH(opts)
     state = _SDSState(histogram_layer)
     finals: dict[str, Any] = {}  # in-memory results of a run without a folder
-    clock = _Clock(0)
+    clock = Clock(0)
 
     def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor) -> PruneResult:
         sh = shared(H)
-        s1 = _one_shot(opts.pruner, W, H, spec, opts, name, sh.factor)
+        s1 = prune_once(opts.pruner, W, H, spec, opts, name, sh.factor)
         if owners[name] == 0:
             t0 = time.time()
             res = sds_tail(W, s1, H, spec, opts, name, name == histogram_layer, sh)

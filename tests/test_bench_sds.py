@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import load_bench
 
+
 @pytest.fixture(scope="module")
 def bench():
     return load_bench("sds")

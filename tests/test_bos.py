@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny
+from test_zeroshot import CHOICE_ITEMS, TEXT, tiny_tokenizer, write_jsonl
 
 import sdsx
-from conftest import make_tiny
 from sdsx.data.bos import bos_id, expects_bos, protocol
 from sdsx.eval import zeroshot as zs
-from test_zeroshot import CHOICE_ITEMS, TEXT, tiny_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_tiny
-from sdsx.cli import main
-from sdsx.io import CHECKPOINT_MARKER, META_NAME
-from sdsx.data.bos import protocol
-from sdsx.model.blocks import find_blocks, find_linears, get_weight, set_weight
-from sdsx.eval.zeroshot import default_data_dir
 from test_zeroshot import CHOICE_ITEMS, GREEDY_ITEMS, PARTIAL_ITEMS, TEXT, tiny_tokenizer, write_jsonl
+
+from sdsx.cli import main
+from sdsx.data.bos import protocol
+from sdsx.eval.zeroshot import default_data_dir
+from sdsx.io import CHECKPOINT_MARKER, META_NAME
+from sdsx.model.blocks import find_blocks, find_linears, get_weight, set_weight
 
 REAL_ZEROSHOT = default_data_dir()  # before the hermetic fixture points SDSX_DATA elsewhere
 

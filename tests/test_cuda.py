@@ -412,8 +412,9 @@ def test_prune_on_cuda_matches_cpu(cuda_calls):
     _require("obs_sweep")
     import copy
 
-    import sdsx
     from conftest import make_tiny, tiny_calib
+
+    import sdsx
 
     model = make_tiny("llama", layers=2)
     calib = tiny_calib(8, 32)

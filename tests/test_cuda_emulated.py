@@ -108,7 +108,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("sparsity,n,m,rows,cols,blocksize,sms,shared", CASES)
-def test_emulated_cuda_sweep_equals_the_cpu_kernel(lib, sparsity, n, m, rows, cols, blocksize, sms, shared):
+def test_emulated_cuda_sweep_equals_the_cpu_kernel(lib, sparsity, n, m, rows, cols, blocksize, sms, shared):  # noqa: PLR0913
     if not sdsx.backend_info()["extension_loaded"]:
         pytest.skip("the CPU kernel (the exact reference for this comparison) is not built")
     lib.emu_set_shared_bytes(shared)

@@ -84,7 +84,7 @@ def test_bad_arguments():
 
 
 def test_hub_name_offline_gives_a_clear_error(monkeypatch):
-    monkeypatch.setattr(text_mod, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(text_mod, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     for name in ("c4", "wikitext2", "ptb"):

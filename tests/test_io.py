@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny, tiny_calib
+from test_zeroshot import tiny_tokenizer
 
 import sdsx
-from conftest import make_tiny, tiny_calib
 from sdsx.io import (
     CHECKPOINT_MARKER,
     MASKS_NAME,
@@ -22,7 +23,6 @@ from sdsx.io import (
     save_pruned,
 )
 from sdsx.model.blocks import get_weight, model_linears, set_weight
-from test_zeroshot import tiny_tokenizer
 
 
 def linears(model):

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import make_tiny, tiny_calib
 from torch import nn
 
-from conftest import make_tiny, tiny_calib
 from sdsx.model import BlockDriver, find_blocks, find_linears, get_weight, set_weight
 from sdsx.model.blocks import BLOCK_PATHS, is_conv1d, max_positions, vocab_size
 

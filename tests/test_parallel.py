@@ -89,9 +89,9 @@ def test_tail_after_phase1_equals_sds_layer():
     H = X.t() @ X / 200
     opts = SDSOptions(dense_iters=5, adjust_iters=3)
     whole = sds_layer(W, H, "2:4", opts)
-    from sdsx.pruners.sds import _one_shot
+    from sdsx.pruners.sds import prune_once
 
-    s1 = _one_shot("sparsegpt", W, H, sdsx.SparsitySpec.parse("2:4"), opts, "layer")
+    s1 = prune_once("sparsegpt", W, H, sdsx.SparsitySpec.parse("2:4"), opts, "layer")
     tail = sds_tail(W, s1, H, "2:4", opts, shared=SharedH(opts))
     assert torch.equal(whole.result.weight, tail.result.weight)
     assert whole.errors == tail.errors

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from sdsx.eval import perplexity
 
 

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny, tiny_calib
 from torch import nn
 
 import sdsx
-from conftest import make_tiny, tiny_calib
 from sdsx.api import METHODS, PruneReport
 from sdsx.model import find_blocks, find_linears, get_weight
 

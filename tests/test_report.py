@@ -7,9 +7,9 @@ import json
 import math
 
 import pytest
+from conftest import make_tiny, tiny_calib
 
 import sdsx
-from conftest import make_tiny, tiny_calib
 from sdsx import report as rp
 
 PNG = b"\x89PNG\r\n\x1a\n"

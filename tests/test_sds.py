@@ -157,8 +157,9 @@ def test_dense_target_with_identical_streams_equals_same_input():
 
 
 def test_dense_target_on_a_model_and_its_limits(tmp_path):
-    import sdsx
     from conftest import make_tiny, tiny_calib
+
+    import sdsx
 
     model = make_tiny("llama", layers=2)
     calib = tiny_calib(nsamples=4, seqlen=24)

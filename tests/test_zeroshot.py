@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from sdsx.eval import zeroshot as zs
 
 TEXT = (

@@ -77,7 +77,7 @@ def _cache_root() -> Path:
 
 
 @torch.no_grad()
-def self_calibration(
+def self_calibration(  # noqa: PLR0913
     model: torch.nn.Module,
     tokenizer: Any = None,
     nsamples: int = 128,

@@ -63,7 +63,7 @@ def read_local(path: str | os.PathLike) -> tuple[str, list[str] | None]:
     return raw, None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         with socket.create_connection((host, 443), timeout=timeout):
@@ -82,7 +82,7 @@ def hub_rows(name: str, split: str) -> list[str]:
         f"pass a local path instead (a .txt, a .jsonl with a \"text\" field, or WikiText's wiki.{split}.raw) "
         "or an iterable of strings"
     )
-    if not offline and not _hub_reachable():
+    if not offline and not hub_reachable():
         raise ConnectionError(
             f"cannot load {name!r}: the Hugging Face hub is not reachable from this machine; {advice} "
             "(or set HF_DATASETS_OFFLINE=1 to use a copy already in the datasets cache)"

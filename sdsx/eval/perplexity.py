@@ -52,7 +52,7 @@ def window_nll(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     return nll.view(windows.shape[0], -1).sum(1)
 
 
-def perplexity(
+def perplexity(  # noqa: PLR0913
     model: nn.Module,
     text_or_ids: "str | torch.Tensor",
     tokenizer: Any = None,

@@ -260,11 +260,11 @@ def load_task(task: str, data_dir: str | os.PathLike | None = None, limit: int |
     if folder is not None and (folder / f"{name}.jsonl").is_file():
         path = folder / f"{name}.jsonl"
         return name, kind, read_jsonl(path, kind, limit)[1], str(path)
-    from sdsx.data.text import _hub_reachable
+    from sdsx.data.text import hub_reachable
 
     offline = any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     where = f"{folder}" if folder is not None else "no data folder (SDSX_DATA is unset and ../shared/data/zeroshot does not exist)"
-    if offline or not _hub_reachable():
+    if offline or not hub_reachable():
         raise FileNotFoundError(
             f"task {name!r}: no {name}.jsonl in {where}, and the Hugging Face hub is not reachable; pass data_dir= "
             f"(CLI: --data-dir) a folder holding {name}.jsonl in the format of ../shared/data/zeroshot, or a path to a .jsonl file"
@@ -426,7 +426,7 @@ def _argmax(xs: Sequence[float]) -> int:
     return best
 
 
-def _evaluate(
+def _evaluate(  # noqa: PLR0913
     kind: str,
     items: list[dict],
     model: nn.Module,
@@ -501,7 +501,7 @@ def _evaluate(
     return result
 
 
-def zero_shot(
+def zero_shot(  # noqa: PLR0913
     model: nn.Module,
     tokenizer: Any,
     tasks: str | Sequence[str],

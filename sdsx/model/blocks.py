@@ -106,7 +106,7 @@ def use_blocks(model: nn.Module, path: str) -> Blocks:
         raise TypeError(f'blocks must be a dotted attribute path such as "model.layers", got {path!r}')
     layers = _resolve(model, path)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        what = "nothing" if layers is None else f"an empty nn.ModuleList" if isinstance(layers, nn.ModuleList) else type(layers).__name__
+        what = "nothing" if layers is None else "an empty nn.ModuleList" if isinstance(layers, nn.ModuleList) else type(layers).__name__
         found = _block_lists(model)
         hint = f"; nn.ModuleLists of linear layers here: {', '.join(found[:4])}" if found else ""
         raise ValueError(f'blocks="{path}" finds {what} in {type(model).__name__}, not a non-empty nn.ModuleList of blocks{hint}')

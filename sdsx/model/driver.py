@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from sdsx.checkpoint import _fault
-from sdsx.numerics import all_finite
+from sdsx.checkpoint import fault_point
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
+from sdsx.numerics import all_finite
 from sdsx.pruners.base import PruneResult
 from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions, BlockFitRecord, channel_weights, fit_block, relative_error, visited
 from sdsx.stats import GramAccumulator
@@ -245,7 +245,7 @@ class BlockDriver:
             channel by the inverse of its dense RMS.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913
         self,
         model: nn.Module,
         *,
@@ -396,7 +396,7 @@ class BlockDriver:
         out = block(x, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def _statistics(
+    def _statistics(  # noqa: PLR0913
         self,
         block: nn.Module,
         linears: dict[str, nn.Module],
@@ -535,7 +535,7 @@ class BlockDriver:
 
     # ------------------------------------------------------------------ the run
     @torch.no_grad()
-    def run(
+    def run(  # noqa: PLR0913
         self,
         calib: torch.Tensor | Sequence[torch.Tensor] | None,
         layer_fn: LayerFn,
@@ -733,7 +733,7 @@ class BlockDriver:
             self._propagate(block, buffer, arguments, result, index)
             block.to(home)
 
-    def _save_block(
+    def _save_block(  # noqa: PLR0913
         self, checkpoint: "Checkpoint", pass_name: str, index: int, block: nn.Module, names: list[str],
         buffer: list[torch.Tensor], state: BlockState | None, result: DriverResult, total_s: float,
         val: _Validation | None = None,
@@ -762,7 +762,7 @@ class BlockDriver:
             record["fit"] = fits[-1]
         checkpoint.save_block(pass_name, index, tensors, record, timings, acts or None)
 
-    def _blocks(
+    def _blocks(  # noqa: PLR0913
         self,
         buffer: list[torch.Tensor],
         arguments: dict,
@@ -858,7 +858,7 @@ class BlockDriver:
         finally:
             bar.close()
 
-    def _validate_block(
+    def _validate_block(  # noqa: PLR0913
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], val: _Validation, arguments: dict,
         result: DriverResult, block_choice: BlockChoice | None,
         fit: Callable[[_Validation, float], tuple[BlockFitRecord, list[torch.Tensor] | None]] | None = None,
@@ -924,7 +924,7 @@ class BlockDriver:
         result.forward_s += self._now() - t0
         return targets
 
-    def _fit_block(
+    def _fit_block(  # noqa: PLR0913
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], inputs: list[torch.Tensor],
         targets: list[torch.Tensor], arguments: dict, options: BlockFitOptions, result: DriverResult,
         val: _Validation | None = None, start: float | None = None, weight: torch.Tensor | None = None,
@@ -988,7 +988,7 @@ class BlockDriver:
             f"{widest * widest * 4 / mib:.1f} MiB; try: " + "; ".join(hints) + f" ({exc})"
         )
 
-    def _solve(
+    def _solve(  # noqa: PLR0913
         self,
         index: int,
         linears: dict[str, nn.Module],
@@ -1035,7 +1035,7 @@ class BlockDriver:
                 weight = get_weight(module)
                 if not all_finite(weight):
                     raise FloatingPointError(f"{name}: the weight holds NaN/Inf before pruning; the model is damaged")
-                _fault("layer")
+                fault_point("layer")
                 t0 = self._now()
                 if crosses:
                     C = cross_final.get(id(acc))

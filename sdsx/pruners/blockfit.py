@@ -183,7 +183,7 @@ def visited(count: int, options: BlockFitOptions) -> list[int]:
     return sorted(set(visit_order(count, options)))
 
 
-def fit_block(
+def fit_block(  # noqa: PLR0913
     forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
     weights: dict[str, torch.Tensor],
     inputs: Sequence[torch.Tensor],

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sdsx import ops
 from sdsx.pruners.base import PruneResult, apply_mask, reconstruction_error
+from sdsx.pruners.registry import LayerContext, Pruner, register
 from sdsx.pruners.spec import SparsitySpec
 
 
@@ -22,3 +25,18 @@ def magnitude(weight: torch.Tensor, spec: SparsitySpec | str | float, hessian: t
     mask = select_mask(weight.abs(), spec, per_row=False)
     new = apply_mask(weight, mask)
     return PruneResult(new, mask, reconstruction_error(weight, new, hessian))
+
+
+@dataclass(frozen=True)
+class MagnitudeOptions:
+    """Magnitude pruning has no options."""
+
+
+def _solve(weight: torch.Tensor, stats: torch.Tensor | None, spec: SparsitySpec, options: MagnitudeOptions,
+           context: LayerContext) -> PruneResult:
+    full = stats is not None and stats.dim() == 2
+    return magnitude(weight, spec, stats if full and context.need_loss else None)
+
+
+register(Pruner("magnitude", _solve, stats="none", options=MagnitudeOptions,
+                summary="the smallest |W|, one threshold per matrix (or per N:M group)", sds=False))

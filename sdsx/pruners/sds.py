@@ -21,21 +21,22 @@ paper's l1 = l2 = 0.1 are our l1 = l2 = 0.1 (with rms(W_d) folded into l1).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 
 from sdsx import ops
 from sdsx.numerics import exact_fp32
+from sdsx.pruners import registry
 from sdsx.pruners.base import PruneResult, apply_mask, reconstruction_error
 from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions
-from sdsx.pruners.magnitude import magnitude, select_mask
-from sdsx.pruners.sparsegpt import FactorCache, sparsegpt
+from sdsx.pruners.magnitude import select_mask
+from sdsx.pruners.sparsegpt import FactorCache
 from sdsx.pruners.spec import SparsitySpec
-from sdsx.pruners.wanda import wanda
 
-PRUNERS = ("sparsegpt", "wanda")
 ADJUST_SCORES = ("magnitude", "activation")
+SHARED_PRUNER_FIELDS = ("blocksize", "percdamp")  # SDSOptions fields passed on to the pruner's options
 TARGETS = ("pruned", "dense")
 
 
@@ -43,7 +44,9 @@ TARGETS = ("pruned", "dense")
 class SDSOptions:
     """Every phase and regularizer of SDS; the defaults are the ones our ablations chose.
 
-    pruner: one-shot pruner of phases 1 and 3 ("sparsegpt" or "wanda").
+    pruner: one-shot pruner of phases 1 and 3 ("sparsegpt", "wanda", "ria": a registered pruner,
+        :func:`sdsx.pruners.registry.sds_names`); its options are taken from the fields here of the
+        same name (SparseGPT's ``blocksize`` and ``percdamp``), the rest are its defaults.
     redense: run phase 2 (False gives S-S: prune, then adjust).
     l1, l2: relative regularizer weights of phase 2 (see the module docstring). Default 0: on
         SmolLM2-135M 2:4 the paper's 0.1 / 0.1 gave validation perplexity 74.24 against 68.08 without
@@ -103,6 +106,8 @@ class SDSOptions:
         Gemma-3-270M keeps 85-98% of a token's hidden-state norm in 4 of its 640 channels, so the
         plain deviation measured those channels alone (docs/sds.md, "A guard that sees the domain").
     blocksize, percdamp: SparseGPT's settings.
+    pruner_options: the other options of ``pruner`` (a dict of its registered options' fields, e.g.
+        ``{"alpha": 0.5}`` for RIA); None for its defaults.
     """
 
     pruner: str = "sparsegpt"
@@ -129,10 +134,11 @@ class SDSOptions:
     deviation: str = "balanced"
     blocksize: int = 128
     percdamp: float = 0.01
+    pruner_options: dict | None = None
 
     def validate(self) -> "SDSOptions":
-        if self.pruner not in PRUNERS:
-            raise ValueError(f"unknown SDS pruner {self.pruner!r}; choose one of {PRUNERS}")
+        if self.pruner not in registry.sds_names():
+            raise ValueError(f"unknown SDS pruner {self.pruner!r}; choose one of {registry.sds_names()}")
         if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
             raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
         for name in ("l1", "l2", "damp", "percdamp"):
@@ -152,7 +158,19 @@ class SDSOptions:
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
         self.block_fit_options()  # checks the block fit's settings
+        self.pruner_settings()  # checks the pruner's options
         return self
+
+    def pruner_settings(self, pruner: str | None = None) -> Any:
+        """The options dataclass of ``pruner`` (default: this run's): ``pruner_options`` (for this
+        run's pruner) over SparseGPT's ``blocksize`` and ``percdamp`` here, where the pruner has such
+        fields, over its defaults. No other field here is passed on by name (``alpha`` here is the
+        dense target's share, RIA's ``alpha`` another thing)."""
+        entry = registry.get(pruner or self.pruner)
+        names = {f.name for f in fields(entry.options)}
+        shared = {k: getattr(self, k) for k in SHARED_PRUNER_FIELDS if k in names}
+        given = self.pruner_options if entry.name == self.pruner else None
+        return registry.make_options(entry, given, **shared)
 
     def block_fit_options(self) -> "BlockFitOptions | None":
         """The block fit's settings, or None when it is off."""
@@ -297,7 +315,7 @@ class _BestIterate:
         return self.best[1] if self.best is not None else last
 
 
-def adjust(
+def adjust(  # noqa: PLR0913
     W_start: torch.Tensor,
     W_d: torch.Tensor,
     H: torch.Tensor,
@@ -336,7 +354,7 @@ def adjust(
     return best.result(W, mask)
 
 
-def final_adjust(
+def final_adjust(  # noqa: PLR0913
     W: torch.Tensor, mask: torch.Tensor, W_d: torch.Tensor, H: torch.Tensor, spec: SparsitySpec, opts: SDSOptions,
     lam: torch.Tensor | float, shift: torch.Tensor | None = None, H_val: torch.Tensor | None = None,
     history: list[float] | None = None,
@@ -395,7 +413,7 @@ def refit(
     return best.result(W)[0]
 
 
-def _one_shot(
+def prune_once(
     pruner: str,
     W: torch.Tensor,
     H: torch.Tensor,
@@ -405,16 +423,11 @@ def _one_shot(
     factor: FactorCache | None = None,
     need_loss: bool = True,
 ) -> PruneResult:
-    """One pruning of ``W`` by ``pruner``; ``need_loss=False`` skips the error tr(D H D^T) (NaN),
-    a GEMM the caller would not use."""
-    if pruner == "sparsegpt":
-        f = factor(H, name) if factor is not None else None
-        return sparsegpt(W, H, spec, blocksize=opts.blocksize, percdamp=opts.percdamp, name=name, factor=f, report_error=need_loss)
-    if pruner == "wanda":
-        return wanda(W, H.diagonal(), spec, hessian=H if need_loss else None)
-    if pruner == "magnitude":
-        return magnitude(W, spec, hessian=H if need_loss else None)
-    raise ValueError(f"unknown pruner {pruner!r}")
+    """One pruning of ``W`` by the registered ``pruner`` with SDS's settings for it
+    (:meth:`SDSOptions.pruner_settings`); ``factor`` is the run's shared SparseGPT factor cache;
+    ``need_loss=False`` skips the error tr(D H D^T) (NaN), a GEMM the caller would not use."""
+    entry = registry.get(pruner)
+    return entry.solve(W, H, spec, opts.pruner_settings(pruner), registry.LayerContext(name, factor, need_loss))
 
 
 @dataclass
@@ -429,7 +442,7 @@ class SDSLayerResult:
 
 
 @exact_fp32()
-def sds_layer(
+def sds_layer(  # noqa: PLR0913
     W_d: torch.Tensor,
     H: torch.Tensor,
     spec: SparsitySpec | str | float,
@@ -456,7 +469,7 @@ def sds_layer(
     H = H.to(Wd.device).float()
     sh = (shared or SharedH(opts))(H)
     # with held-out windows or a dense target, sds_tail measures phase 1's error itself
-    s1 = _one_shot(opts.pruner, Wd, H, spec, opts, name, sh.factor, need_loss=split is None and C is None)
+    s1 = prune_once(opts.pruner, Wd, H, spec, opts, name, sh.factor, need_loss=split is None and C is None)
     if split is not None:
         H_fit, H_val = (h.to(Wd.device).float() for h in split)
         return sds_tail(W_d, s1, H_fit, spec, opts, name, keep_weights, (shared_fit or SharedH(opts))(H_fit), C, H_val)
@@ -464,7 +477,7 @@ def sds_layer(
 
 
 @exact_fp32()
-def sds_tail(
+def sds_tail(  # noqa: PLR0913
     W_d: torch.Tensor,
     s1: PruneResult,
     H: torch.Tensor,
@@ -509,7 +522,7 @@ def sds_tail(
         errors["dense"] = target_error(Wd, current, H, shift)
         if keep_weights:
             snaps["redense"] = current.cpu().clone()
-        s2 = _one_shot(opts.pruner, current, H, spec, opts, name, sh.factor, need_loss=False)  # measured below
+        s2 = prune_once(opts.pruner, current, H, spec, opts, name, sh.factor, need_loss=False)  # measured below
     else:
         s2 = PruneResult(s1w, s1.mask.to(Wd.device), s1_loss)
     # phase 3's pruner compensates towards the re-dense weights; report the error to the dense ones

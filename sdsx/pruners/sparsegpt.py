@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from sdsx import ops
 from sdsx.numerics import all_finite, exact_fp32
 from sdsx.pruners.base import PruneResult
+from sdsx.pruners.registry import LayerContext, Pruner, register
 from sdsx.pruners.spec import SparsitySpec
 
 log = logging.getLogger("sdsx")
@@ -160,3 +162,35 @@ def sparsegpt(
         new = new.to(weight.dtype)
         mask = mask & (new != 0)  # a kept fp32 value can underflow to zero in fp16
     return PruneResult(new, mask, loss)
+
+
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    """SparseGPT's settings.
+
+    blocksize: the lazy-update block in columns.
+    percdamp: the damping, a fraction of mean(diag H).
+    """
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize < 1:
+            raise ValueError(f"blocksize must be a positive int, got {self.blocksize!r}")
+        if not isinstance(self.percdamp, (int, float)) or not self.percdamp >= 0 or self.percdamp == float("inf"):
+            raise ValueError(f"percdamp must be a finite number >= 0, got {self.percdamp!r}")
+
+
+def _solve(weight: torch.Tensor, stats: torch.Tensor | None, spec: SparsitySpec, options: SparseGPTOptions,
+           context: LayerContext) -> PruneResult:
+    if stats is None or stats.dim() != 2:
+        raise ValueError(f"{context.name}: SparseGPT needs the layer's Hessian")
+    factor = context.shared(stats, context.name) if context.shared is not None else None
+    return sparsegpt(weight, stats, spec, options.blocksize, options.percdamp, context.name, factor=factor,
+                     report_error=context.need_loss)
+
+
+register(Pruner("sparsegpt", _solve, stats="full", options=SparseGPTOptions,
+                summary="optimal brain surgeon sweeps over H = X X^T / T (Frantar & Alistarh 2023)",
+                shared=lambda options: FactorCache(options.percdamp)))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sdsx.pruners.base import PruneResult, apply_mask, reconstruction_error
 from sdsx.pruners.magnitude import select_mask
+from sdsx.pruners.registry import LayerContext, Pruner, register
 from sdsx.pruners.spec import SparsitySpec
 
 
@@ -31,3 +34,21 @@ def wanda(
     mask = select_mask(scores, spec, per_row=True)
     new = apply_mask(weight, mask)
     return PruneResult(new, mask, reconstruction_error(weight, new, hessian))
+
+
+@dataclass(frozen=True)
+class WandaOptions:
+    """Wanda has no options."""
+
+
+def _solve(weight: torch.Tensor, stats: torch.Tensor | None, spec: SparsitySpec, options: WandaOptions,
+           context: LayerContext) -> PruneResult:
+    if stats is None:
+        raise ValueError(f"{context.name}: Wanda needs the inputs' squared column norms (statistics 'diag' or 'full')")
+    if stats.dim() == 1:
+        return wanda(weight, stats, spec)
+    return wanda(weight, stats.diagonal(), spec, hessian=stats if context.need_loss else None)
+
+
+register(Pruner("wanda", _solve, stats="diag", options=WandaOptions,
+                summary="|W_ij| * ||X_j||, compared within each output row (Sun et al. 2023)"))
