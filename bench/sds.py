@@ -33,8 +33,8 @@ import torch
 
 import sdsx
 from sdsx.data.paths import data_root
+from sdsx.defaults import auto_validation
 from sdsx.pruners.sds import SDSOptions, objective, redense, redense_tokens, regularizer_scale
-from sdsx.sds import auto_validation
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = data_root() or REPO.parent / "shared" / "data"  # $SDSX_DATA first, like the CLI

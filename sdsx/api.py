@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sdsx.checkpoint import Checkpoint, fingerprint_calibration, fingerprint_model
+from sdsx.defaults import auto_validation
 from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, use_blocks, vocab_size
 from sdsx.model.driver import BlockDriver, BlockState, DriverResult, LayerFn, as_batches
 from sdsx.numerics import exact_fp32
@@ -385,7 +386,7 @@ def prune(  # noqa: PLR0913
     batch_size: int = 1,
     checkpoint_dir: str | os.PathLike | None = None,
     save_activations: bool | None = None,
-    validation: int | float | None = None,
+    validation: int | float | str | None = "auto",
     block_fit: BlockFitOptions | dict[str, Any] | bool | None = None,
     blocks: str | None = None,
     options: Any = None,
@@ -422,7 +423,9 @@ def prune(  # noqa: PLR0913
             calibration sequences (a count, or a fraction in (0, 1)) are from the dense model's
             (``report.deviation``, the error over depth). The pruner still sees every calibration
             sequence (its H covers them all), so the weights are those of a run without it, up to
-            rounding; needs SparseGPT or Wanda (the full H).
+            rounding; needs SparseGPT or Wanda (the full H). "auto" (the default, as on the command
+            line): with ``block_fit``, :func:`sdsx.defaults.auto_validation` (1/8 of the windows, at
+            least 2, from 8 windows up), else none.
         block_fit: after pruning each block, fit its kept weights (masks fixed) to the dense model's
             hidden state with a few Adam steps over the calibration windows
             (:mod:`sdsx.pruners.blockfit`): True for the defaults, or a dict of
@@ -452,11 +455,17 @@ def prune(  # noqa: PLR0913
         raise ValueError("block_fit needs calibration windows; give calib")
     if report_error is None:
         report_error = method == "sparsegpt"
+    if isinstance(validation, str) and validation != "auto":
+        raise ValueError(f"validation must be 'auto', a count of sequences, a fraction in (0, 1) or None, got {validation!r}")
+    if validation == "auto" and fit is None:
+        validation = None  # "auto" holds windows out only for the block fit
     # the validation statistics need the full Gram, which is what report_error asks of every method
     layer_fn, stats = layer_function(method, spec, report_error=report_error or bool(validation) or fit is not None, options=pruner_options)
     plan = validate(model, calib, spec, need_calib=stats != "none", batch_size=batch_size)
     if stats == "none" and plan.batches is not None:
         plan = Plan(plan.spec, None)
+    if validation == "auto":  # resolved above to None without the block fit
+        validation = auto_validation(0 if plan.batches is None else sum(b.shape[0] for b in plan.batches))
     plan, held = split_validation(plan, validation, batch_size)
     if held is not None:
         inner = layer_fn

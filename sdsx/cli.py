@@ -24,8 +24,8 @@ log = logging.getLogger("sdsx")
 __all__ = ["CLIError", "main", "build_parser", "load_model", "data_root"]
 
 BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m")  # sdsx.model.offline
-DEFAULT_NSAMPLES = 32
-DEFAULT_SEQLEN = 512
+DEFAULT_NSAMPLES = 32  # sdsx.defaults.CALIB_NSAMPLES, spelled out so that --help does not import torch (a test checks)
+DEFAULT_SEQLEN = 512  # sdsx.defaults.CALIB_SEQLEN
 #: sdsx.data.bos.BOS_MODES, spelled out so that --help does not import torch
 BOS_CHOICES = ("auto", "always", "never")
 CALIB_FILE = Path("calib") / "sotu_1990_2021.txt"
@@ -607,7 +607,7 @@ def _other_validation(args: argparse.Namespace, calib: Any, tokenizer: Any) -> A
         raise CLIError("--other-validation with a text file needs the model's tokenizer")
     from sdsx.api import held_count
     from sdsx.data.calibration import calibration
-    from sdsx.sds import auto_validation
+    from sdsx.defaults import auto_validation
 
     total = int(calib.shape[0])
     validation = _validation_arg(args)
@@ -649,8 +649,8 @@ def _run_method(
     if own:
         kwargs["options"] = own
     if args.block_fit:
+        from sdsx.defaults import auto_validation
         from sdsx.pruners.sds import SDSOptions
-        from sdsx.sds import auto_validation
 
         given = dict(block_lr=args.block_lr, block_target=args.block_target, block_epochs=args.block_epochs)
         kwargs["block_fit"] = SDSOptions(**{k: v for k, v in given.items() if v is not None}).block_fit_options()

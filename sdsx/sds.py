@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, split_validation, validate
+from sdsx.defaults import auto_validation  # noqa: F401 (re-exported: sdsx.sds.auto_validation)
 from sdsx.model.blocks import find_blocks, get_weight, model_linears, use_blocks
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error, registry
 from sdsx.pruners.sds import (
@@ -168,12 +169,6 @@ class _SDSState:
         if self.on_restore is not None:
             for name, W in weights.items():
                 self.on_restore(name, W, self.phase_errors.get(name, {}))
-
-
-def auto_validation(nsamples: int, schedule: str = "interleaved") -> int | None:
-    """What ``validation="auto"`` holds out of ``nsamples`` calibration sequences: 1/8 of them (at
-    least 2) with the interleaved schedule and at least 8 sequences, else none."""
-    return max(2, round(nsamples / 8)) if (schedule == "interleaved" and nsamples >= 8) else None
 
 
 def sds_prune(  # noqa: PLR0913

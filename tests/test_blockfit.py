@@ -105,10 +105,19 @@ def test_prune_with_block_fit_keeps_pattern_and_never_worsens_a_block_on_validat
     assert torch.equal(model.get_input_embeddings().weight, fresh.get_input_embeddings().weight)
 
 
+def test_block_fit_holds_out_windows_by_default():
+    """validation="auto" (the default, as on the command line): 1/8 of the windows, at least 2."""
+    report = sdsx.prune(make_tiny("llama"), tiny_calib(16, 32), "wanda", 0.5, progress=False, block_fit=True)
+    assert report.options["validation"] == 2 and report.nsamples == 16
+    plain = sdsx.prune(make_tiny("llama"), tiny_calib(16, 32), "wanda", 0.5, progress=False)
+    assert "validation" not in plain.options  # without the fit nothing is held out
+
+
 def test_local_target_and_no_validation():
     calib = tiny_calib(8, 32)
     model = make_tiny("llama")
-    report = sdsx.prune(model, calib, "wanda", 0.5, progress=False, block_fit=dict(target="local", epochs=1, lr=1e-3))
+    report = sdsx.prune(model, calib, "wanda", 0.5, progress=False, block_fit=dict(target="local", epochs=1, lr=1e-3),
+                        validation=None)
     assert [f["steps"] for f in report.fits] == [8, 8]
     assert all(f["val_before"] is None and f["best_step"] == 8 for f in report.fits)
     assert all(f["loss_last"] < f["loss_first"] for f in report.fits)
@@ -141,7 +150,8 @@ def test_first_block_fit_starts_from_the_dense_block_output(target, epochs):
     pruned = make_tiny("llama")
     sdsx.prune(pruned, calib, "wanda", 0.5, progress=False)  # the weights the fit starts from
     model = make_tiny("llama")
-    report = sdsx.prune(model, calib, "wanda", 0.5, progress=False, block_fit=dict(target=target, epochs=epochs, lr=1e-3))
+    report = sdsx.prune(model, calib, "wanda", 0.5, progress=False, block_fit=dict(target=target, epochs=epochs, lr=1e-3),
+                        validation=None)
     order = visit_order(8, BlockFitOptions(epochs=epochs))
     assert order[0] == int(torch.randperm(8, generator=torch.Generator().manual_seed(0))[0])
     assert [f["steps"] for f in report.fits] == [len(order)] * 2

@@ -428,3 +428,30 @@ def test_prune_sds_with_another_texts_validation_and_guard_flags(files, tmp_path
                               "--ppl", "none")])
     assert rc != 0
     one_line_error(capsys.readouterr().err, "other-validation")
+
+
+# ------------------------------------------------------------------ one set of defaults (issue 27)
+@pytest.mark.parametrize("method,extra", [("sparsegpt", ["--block-fit"]), ("sds", ["--pruner", "wanda"]), ("ria", [])])
+def test_library_and_cli_give_the_same_weights(files, tmp_path, method, extra):
+    """``sdsx prune`` and the library calls a user would write with the same settings (and their
+    defaults otherwise: calibration seed and window start, the held-out windows, SDS's options)
+    give the same weights bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sdsx
+
+    out = tmp_path / "cli"
+    args = base(files, "--method", method, "--sparsity", "2:4", "--nsamples", "16", "--ppl", "none", *extra)
+    assert main(["prune", *args, "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(files / "tiny"), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(files / "tiny"))
+    calib = sdsx.calibration(str(files / "calib.txt"), tok, nsamples=16, seqlen=32)
+    if method == "sds":
+        sdsx.sds_prune(model, calib, "2:4", "wanda", progress=False)
+    else:
+        sdsx.prune(model, calib, method, "2:4", progress=False, block_fit="--block-fit" in extra)
+    saved = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    mine = model.state_dict()
+    assert saved.keys() == mine.keys()
+    differ = [k for k in mine if not torch.equal(saved[k], mine[k])]
+    assert not differ, f"library and CLI differ in {differ[:3]}"

@@ -12,6 +12,7 @@ import torch
 
 from sdsx.data.bos import bos_id, with_bos
 from sdsx.data.text import HUB_DATASETS, hub_rows, join_rows, read_local
+from sdsx.defaults import CALIB_NSAMPLES, CALIB_SEQLEN
 
 log = logging.getLogger("sdsx")
 
@@ -104,8 +105,8 @@ def _cut(ids: torch.Tensor, holdout: float) -> int:
 def calibration(
     source: "str | os.PathLike | Iterable[str]",
     tokenizer: Any,
-    nsamples: int = 128,
-    seqlen: int = 2048,
+    nsamples: int = CALIB_NSAMPLES,
+    seqlen: int = CALIB_SEQLEN,
     seed: int = 0,
     bos: str = "auto",
     holdout: float = 0.0,
@@ -117,8 +118,8 @@ def calibration(
             ("c4", "wikitext2", "ptb"; needs a reachable hub and `datasets`), or an iterable of
             strings (joined with blank lines).
         tokenizer: the model's tokenizer (the text is tokenized once, then windows are cut).
-        nsamples: number of sequences.
-        seqlen: tokens per sequence.
+        nsamples: number of sequences (default 32, :mod:`sdsx.defaults`; the paper uses 128).
+        seqlen: tokens per sequence (default 512; the paper uses 2048).
         seed: seeds a private torch.Generator: the same seed gives the same windows.
         bos: how windows start (:mod:`sdsx.data.bos`): "auto" (default) starts each with the BOS
             token when the tokenizer starts texts with it (a window is then BOS + seqlen - 1 text
