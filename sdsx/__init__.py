@@ -44,6 +44,15 @@ _LAZY = {
     "load": "sdsx.io",
     "load_masks": "sdsx.io",
     "write_report": "sdsx.report",
+    "run": "sdsx.job",
+    "RunResult": "sdsx.job",
+    "RunConfig": "sdsx.config",
+    "ModelConfig": "sdsx.config",
+    "CalibrationConfig": "sdsx.config",
+    "MethodConfig": "sdsx.config",
+    "EvalConfig": "sdsx.config",
+    "OutputConfig": "sdsx.config",
+    "EngineConfig": "sdsx.config",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

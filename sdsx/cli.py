@@ -9,11 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as _dt
-import json
 import logging
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -23,17 +19,13 @@ log = logging.getLogger("sdsx")
 
 __all__ = ["CLIError", "main", "build_parser", "load_model", "data_root"]
 
-BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m")  # sdsx.model.offline
 DEFAULT_NSAMPLES = 32  # sdsx.defaults.CALIB_NSAMPLES, spelled out so that --help does not import torch (a test checks)
 DEFAULT_SEQLEN = 512  # sdsx.defaults.CALIB_SEQLEN
 #: sdsx.data.bos.BOS_MODES, spelled out so that --help does not import torch
 BOS_CHOICES = ("auto", "always", "never")
-CALIB_FILE = Path("calib") / "sotu_1990_2021.txt"
-WIKITEXT_FILE = Path("wikitext2") / "wiki.test.raw"
+from sdsx.job import BUILTIN_MODELS, CALIB_FILE, WIKITEXT_FILE, JobError, load_model  # noqa: E402, F401  (re-exported)
 
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 1."""
+CLIError = JobError  # a user-facing error: printed as one line, exit status 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,8 +40,9 @@ from sdsx.data.paths import data_root  # noqa: E402  (re-exported: the CLI's def
 
 
 def _default_file(rel: Path) -> Path | None:
-    root = data_root()
-    return root / rel if root is not None and (root / rel).is_file() else None
+    from sdsx.job import default_file
+
+    return default_file(rel)
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -346,218 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
     _prune_options(p)
     _eval_options(p, "perplexity text (see sdsx prune --help); 'none' skips it; default the local WikiText-2 test file")
     _common(p)
+
+    p = sub.add_parser(
+        "run", help="run a job from its configuration file (a saved run's run-config.json, or one written by hand)",
+        description="Run the job a configuration file describes (sdsx.config.RunConfig as JSON, or YAML with PyYAML): "
+                    "the same as sdsx.run(RunConfig.load(FILE)). Every run saves its configuration as run-config.json "
+                    "in its output and report folders; running it again gives the same weights.",
+    )
+    p.add_argument("config", metavar="FILE", help="a run configuration (.json, .yaml), or a run's output folder")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="save the model here instead of the configuration's output.out (the report goes to DIR/report)")
+    g = p.add_argument_group("diagnostics")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bars (the configuration's engine.progress still applies)")
+    g.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    g.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    g.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
 
 # ---------------------------------------------------------------------------------------- model
-def _hub_offline() -> bool:
-    if any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    from sdsx.data.text import hub_reachable
-
-    return not hub_reachable()
-
-
-def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, dict | None, str]:
-    """(model, tokenizer, sdsx meta or None, label) for a CLI model argument."""
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
-    if name.lower() in BUILTIN_MODELS:
-        from sdsx.model.offline import load_offline
-
-        model, tok = load_offline(name, dtype=torch_dtype)
-        return model, tok, None, name.lower()
-    path = Path(name).expanduser()
-    if path.is_dir():
-        from sdsx.io import META_NAME, load
-
-        if (path / META_NAME).is_file():
-            model, tok, meta = load(path, dtype=torch_dtype)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"model folder {path} has no config.json: not a Hugging Face model folder")
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-            model.eval()
-            try:
-                tok = AutoTokenizer.from_pretrained(str(path))
-            except (OSError, ValueError, TypeError) as exc:
-                raise CLIError(f"model folder {path} has no usable tokenizer ({str(exc).splitlines()[0]})") from exc
-            meta = None
-        if tok is None:
-            raise CLIError(f"model folder {path} has no tokenizer files; save the tokenizer with the model")
-        return model, tok, meta, path.name
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    if looks_like_path or path.exists():
-        raise FileNotFoundError(f"model folder {name} does not exist")
-    if _hub_offline():
-        raise CLIError(
-            f"unknown model {name!r}: not a local folder, not a built-in name ({', '.join(BUILTIN_MODELS)}), and the "
-            "Hugging Face hub is not reachable from this machine; pass a local folder or a built-in name"
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(name)
-    except OSError as exc:
-        raise CLIError(f"could not load model {name!r} from the hub: {str(exc).splitlines()[0]}") from exc
-    model.eval()
-    return model, tok, None, name
-
-
-def _point_at_blocks(model: Any, path: str | None) -> None:
-    """--blocks: tell sdsx where the decoder blocks of an unknown layout are."""
-    if path is not None:
-        from sdsx.model.blocks import use_blocks
-
-        use_blocks(model, path)
-
-
-def _device(arg: str | None):
-    import torch
-
-    if arg is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(arg)
-    except RuntimeError:
-        raise CLIError(f"unknown device {arg!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"device {arg!r} asked for, but torch has no CUDA device here")
-    return dev
-
-
-# ----------------------------------------------------------------------------------- evaluation
-class _Evaluator:
-    """Perplexity text tokenized once, zero-shot tasks checked before any long work."""
-
-    def __init__(self, args: argparse.Namespace, tokenizer: Any, ppl_default: bool) -> None:
-        from sdsx.eval.zeroshot import resolve_tasks
-
-        self.args = args
-        self.tokenizer = tokenizer
-        self.ppl_source = self._ppl_source(args.ppl, ppl_default)
-        self.ppl_name = None
-        self.ids = None
-        from sdsx.data.bos import bos_id, protocol
-
-        token = bos_id(tokenizer, args.bos)
-        self.protocol = protocol(args.bos, token)
-        if self.ppl_source is not None:
-            from sdsx.data import load_text
-            from sdsx.data.calibration import encode
-
-            text = load_text(self.ppl_source)
-            self.ids = encode(tokenizer, text, special_tokens=token is None)
-            self.ppl_name = _short(self.ppl_source)
-        self.tasks = resolve_tasks(args.tasks) if args.tasks else []
-
-    @staticmethod
-    def _ppl_source(arg: str | None, use_default: bool) -> str | None:
-        if arg is not None:
-            return None if arg.lower() == "none" else arg
-        if not use_default:
-            return None
-        found = _default_file(WIKITEXT_FILE)
-        if found is None:
-            log.warning("no --ppl given and no local WikiText-2 (set SDSX_DATA or pass --ppl wikitext2 / a file): perplexity skipped")
-        return str(found) if found is not None else None
-
-    @property
-    def empty(self) -> bool:
-        return self.ids is None and not self.tasks
-
-    def settings(self) -> dict[str, Any]:
-        """What a report records about the evaluation (with the window protocol)."""
-        a = self.args
-        return {"ppl_source": self.ppl_source, "ppl_seqlen": a.ppl_seqlen, "max_windows": a.max_windows,
-                "tasks": self.tasks, "limit": a.limit, **self.protocol}
-
-    def __call__(self, model: Any, device: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        progress = not self.args.no_progress
-        if self.ids is not None:
-            from sdsx.eval.perplexity import perplexity
-
-            t0 = time.perf_counter()
-            out["ppl"] = perplexity(
-                model, self.ids, self.tokenizer, seqlen=self.args.ppl_seqlen, batch_size=1, max_windows=self.args.max_windows,
-                device=device, progress=progress, bos=self.args.bos,
-            )
-            log.info("perplexity on %s: %.3f (%.1fs)", self.ppl_name, out["ppl"], time.perf_counter() - t0)
-        if self.tasks:
-            if self.args.harness == "lm-eval":
-                from sdsx.eval.lmeval import lm_eval_zero_shot as run
-            else:
-                from sdsx.eval.zeroshot import zero_shot as run
-
-            from sdsx.eval.perplexity import evaluating_on
-
-            with evaluating_on(model, device):
-                out["zeroshot"] = run(
-                    model, self.tokenizer, self.tasks, data_dir=self.args.data_dir, limit=self.args.limit,
-                    batch_size=self.args.batch_size, bos=self.args.bos,
-                    **({"progress": progress} if self.args.harness == "sdsx" else {}),
-                )
-        return out
-
-
-def _short(source: str) -> str:
-    p = Path(source)
-    if p.name == "wiki.test.raw":
-        return "wikitext2"
-    return p.stem if p.suffix else source
-
-
-def _row(model_label: str, method: str, sparsity: str, ev: dict[str, Any], ppl_name: str | None, seconds: float | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": model_label, "method": method, "sparsity": sparsity}
-    if "ppl" in ev:
-        row[f"ppl {ppl_name}"] = ev["ppl"]
-    for task, res in ev.get("zeroshot", {}).items():
-        row[f"{task} acc"] = res["acc"]
-        if "acc_norm" in res:
-            row[f"{task} acc_norm"] = res["acc_norm"]
-        if "perplexity" in res:
-            row[f"{task} ppl"] = res["perplexity"]
-    if ev.get("zeroshot"):
-        accs = [res["acc"] for res in ev["zeroshot"].values()]
-        row["mean acc"] = sum(accs) / len(accs)
-    if seconds is not None:
-        row["prune s"] = seconds
-    return row
-
-
 # --------------------------------------------------------------------------------------- pruning
-def _calibration(args: argparse.Namespace, tokenizer: Any, model: Any = None) -> tuple[Any, dict[str, Any]]:
-    from sdsx.data.sources import calibration_from
-
-    source = args.calib
-    if source is None:
-        found = _default_file(CALIB_FILE)
-        if found is None:
-            raise CLIError(
-                "no calibration text: pass --calib (a .txt/.jsonl file, or c4 / wikitext2 with network); "
-                f"the default {CALIB_FILE} was not found under $SDSX_DATA or ../shared/data"
-            )
-        source = str(found)
-    t0 = time.perf_counter()
-    ids = calibration_from(source, tokenizer, model, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                           progress=not getattr(args, "no_progress", False), bos=args.bos)
-    log.info("calibration: %d x %d tokens from %s (%.1fs)", args.nsamples, args.seqlen, source, time.perf_counter() - t0)
-    from sdsx.data.bos import bos_id, protocol
-    from sdsx.data.sources import SELF
-
-    windows = protocol(args.bos, bos_id(tokenizer, args.bos))
-    if source.strip().lower() == SELF:  # sampled sequences start as self_calibration says, whatever --bos is
-        windows = {"bos": None, "bos_token_id": getattr(tokenizer, "bos_token_id", None), "windows": "sampled from the dense model"}
-    desc = {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "tokens": int(ids.numel()),
-            **windows}
-    return ids, desc
-
-
 def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from sdsx.pruners.sds import SDSOptions
 
@@ -570,7 +371,7 @@ def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "adjust_score": getattr(args, "adjust_score", None), "target": args.target, "alpha": args.alpha,
         "block_guard": False if args.no_block_guard else None, "early_stop": False if args.no_early_stop else None,
         "model_guard": False if getattr(args, "no_model_guard", False) else None, "deviation": getattr(args, "deviation", None),
-        "block_fit": args.block_fit, "block_lr": args.block_lr, "block_epochs": args.block_epochs, "block_target": args.block_target,
+        "block_lr": args.block_lr, "block_epochs": args.block_epochs, "block_target": args.block_target,
     }
     out = {}
     for key, value in wanted.items():
@@ -595,220 +396,93 @@ def _validation_arg(args: argparse.Namespace) -> Any:
     return int(value) if value >= 1 and value == int(value) else value
 
 
-def _other_validation(args: argparse.Namespace, calib: Any, tokenizer: Any) -> Any:
-    """``--other-validation``: "self", None, or windows of a local text as long as the calibration's."""
-    value = str(getattr(args, "other_validation", "self") or "self")
-    if value.lower() in ("self", "none"):
-        return None if value.lower() == "none" else "self"
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise CLIError(f"--other-validation {value!r} is neither self, none nor a text file")
-    if tokenizer is None:
-        raise CLIError("--other-validation with a text file needs the model's tokenizer")
-    from sdsx.api import held_count
-    from sdsx.data.calibration import calibration
-    from sdsx.defaults import auto_validation
-
-    total = int(calib.shape[0])
-    validation = _validation_arg(args)
-    count = held_count(auto_validation(total) if validation == "auto" else validation, total)
-    if not count:
-        return None
-    return calibration(str(path), tokenizer, nsamples=count, seqlen=int(calib.shape[1]), seed=args.seed + 1, bos=args.bos)
-
-
-def _run_method(
-    model: Any, calib: Any, method: str, sparsity: str, args: argparse.Namespace, device: Any, checkpoint_dir: Any = None,
-    tokenizer: Any = None,
-) -> Any:
-    """Prune ``model`` in place; ``method`` is magnitude/wanda/sparsegpt or sds-<pruner>."""
-    progress = not args.no_progress
-    if method.startswith("sds"):
-        from sdsx.sds import sds_prune
-
-        pruner = method.split("-", 1)[1] if "-" in method else args.pruner
-        overrides = _sds_overrides(args)
-        own = _pruner_options(args, pruner)
-        if own:
-            overrides["pruner_options"] = own
-        return sds_prune(
-            model, calib, sparsity, pruner, schedule=args.schedule or "interleaved", early_exit_params=args.early_exit_params,
-            device=device, progress=progress, checkpoint_dir=checkpoint_dir, validation=_validation_arg(args),
-            other_validation=_other_validation(args, calib, tokenizer), **overrides,
-        )
-    from sdsx.api import prune
-
-    kwargs: dict[str, Any] = {"checkpoint_dir": checkpoint_dir}
-    if args.blocksize is not None:
-        kwargs["blocksize"] = args.blocksize
-    if args.percdamp is not None:
-        kwargs["percdamp"] = args.percdamp
-    if args.report_error is not None:
-        kwargs["report_error"] = args.report_error
-    own = _pruner_options(args, method)
-    if own:
-        kwargs["options"] = own
-    if args.block_fit:
-        from sdsx.defaults import auto_validation
-        from sdsx.pruners.sds import SDSOptions
-
-        given = dict(block_lr=args.block_lr, block_target=args.block_target, block_epochs=args.block_epochs)
-        kwargs["block_fit"] = SDSOptions(**{k: v for k, v in given.items() if v is not None}).block_fit_options()
-        validation = _validation_arg(args)
-        kwargs["validation"] = auto_validation(int(calib.shape[0])) if validation == "auto" else validation
-    return prune(model, calib, method, sparsity, device=device, progress=progress, **kwargs)
-
-
-def _slug(*parts: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p)).strip("_")
-
-
-def _report_dir(arg: str | None, *parts: str) -> Path:
-    if arg is not None:
-        return Path(arg).expanduser()
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("sdsx-runs") / _slug(stamp, *parts)
-
-
 def _print_table(rows: list[dict[str, Any]]) -> None:
     from sdsx.report import format_table
 
     print(format_table(rows))
 
 
-def _check_inputs(args: argparse.Namespace, calib: bool) -> None:
-    """Fail on missing or malformed inputs before the model is loaded (minutes) or pruned (hours)."""
-    from sdsx.data.text import HUB_DATASETS
-    from sdsx.eval.zeroshot import load_task, resolve_tasks
-
-    for t in resolve_tasks(args.tasks) if args.tasks else []:
-        load_task(t, args.data_dir, args.limit)
-    if args.tasks and args.harness == "lm-eval":
-        import importlib.util
-
-        if importlib.util.find_spec("lm_eval") is None:
-            raise CLIError("--harness lm-eval needs lm-evaluation-harness: pip install 'sdsx[lmeval]' (or use the built-in --harness sdsx)")
-    sources = [("--ppl", args.ppl)] + ([("--calib", args.calib)] if calib else [])
-    for flag, whole in sources:
-        if whole is None or whole.lower() == "none" and flag == "--ppl":
-            continue
-        if flag == "--calib" and whole.strip().lower() == "self":
-            continue
-        parts = [whole] if flag == "--ppl" or Path(whole).expanduser().is_file() else [p.strip() for p in whole.split(",") if p.strip()]
-        for source in parts:
-            if not Path(source).expanduser().is_file() and source.lower() not in HUB_DATASETS:
-                raise FileNotFoundError(
-                    f"{flag} {source}: no such file (or give a hub dataset name: {', '.join(sorted(HUB_DATASETS))}, which needs network"
-                    + ("; several sources separated by commas, or self)" if flag == "--calib" else ")")
-                )
-    if calib and args.calib is None and _default_file(CALIB_FILE) is None:
-        raise CLIError(
-            "no calibration text: pass --calib (a .txt/.jsonl file, or c4 / wikitext2 with network); "
-            f"the default {CALIB_FILE} was not found under $SDSX_DATA or ../shared/data"
-        )
+def _validation_value(args: argparse.Namespace) -> Any:
+    """--validation as a configuration value: "auto", a count, a fraction, or 0 for none."""
+    value = _validation_arg(args)
+    return 0 if value is None else value
 
 
-_DENSE_EVAL = "dense-eval.json"
+def _method_config(args: argparse.Namespace, method: str, sparsity: str) -> Any:
+    """The method section of a run's configuration: ``method`` is sds, sds-<pruner> or a pruner."""
+    from sdsx.config import MethodConfig
+
+    default = getattr(args, "pruner", "sparsegpt")  # compare names the pruner in the method (sds-wanda)
+    name, pruner = ("sds", method.split("-", 1)[1] if "-" in method else default) if method.startswith("sds") else (method, default)
+    return MethodConfig(
+        name=name, pruner=pruner, sparsity=sparsity, schedule=getattr(args, "schedule", None),
+        validation=_validation_value(args), other_validation=str(getattr(args, "other_validation", "self") or "self"),
+        options=_sds_overrides(args), pruner_options=_pruner_options(args, pruner if name == "sds" else name) or {},
+        block_fit=args.block_fit, report_error=args.report_error, early_exit_params=args.early_exit_params,
+    )
 
 
-def _dense_eval(evaluate: "_Evaluator", model: Any, device: Any, args: argparse.Namespace, label: str) -> dict[str, Any]:
-    """The dense model's evaluation; with --out it is kept in the checkpoint folder, so that a
-    resumed run does not evaluate the dense model again."""
-    key = {"model": label, "ppl": evaluate.ppl_source, "ppl_seqlen": args.ppl_seqlen, "max_windows": args.max_windows,
-           "tasks": evaluate.tasks, "limit": args.limit, "harness": args.harness, "bos": evaluate.protocol["bos_token_id"]}
-    from sdsx.checkpoint import SUBDIR
+def _eval_config(args: argparse.Namespace) -> Any:
+    from sdsx.config import EvalConfig
 
-    cache = Path(args.out).expanduser() / SUBDIR / _DENSE_EVAL if args.out is not None else None
-    if cache is not None and cache.is_file():
-        try:
-            stored = json.loads(cache.read_text(encoding="utf-8"))
-            if stored.get("key") == json.loads(json.dumps(key)):
-                log.info("dense evaluation taken from the checkpoint in %s", args.out)
-                return stored["result"]
-        except (OSError, ValueError):
-            pass
-    result = evaluate(model, device)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text(json.dumps({"key": key, "result": result}, default=float), encoding="utf-8")
-        os.replace(tmp, cache)
-    return result
+    return EvalConfig(ppl=args.ppl, ppl_seqlen=args.ppl_seqlen, max_windows=args.max_windows, tasks=args.tasks, limit=args.limit,
+                      data_dir=args.data_dir, harness=args.harness, batch_size=args.batch_size)
+
+
+def _run_config(args: argparse.Namespace) -> Any:
+    """``sdsx prune``'s flags as a run configuration (sdsx.config.RunConfig)."""
+    from sdsx.config import CalibrationConfig, EngineConfig, ModelConfig, OutputConfig, RunConfig
+
+    return RunConfig(
+        model=ModelConfig(name=args.model, dtype=args.dtype, blocks=args.blocks, bos=args.bos),
+        calibration=CalibrationConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+        method=_method_config(args, args.method, args.sparsity),
+        evaluation=_eval_config(args),
+        output=OutputConfig(out=args.out, report=args.report, save_masks=args.save_masks, overwrite=args.overwrite),
+        engine=EngineConfig(device=args.device, progress=not args.no_progress, distributed=args.distributed),
+    )
+
+
+def _show(result: Any) -> int:
+    if result is None:  # a distributed worker rank
+        return 0
+    _print_table(result.rows)
+    print(f"report: {result.report_dir}" + (f"\nmodel: {result.out}" if result.out is not None else ""))
+    return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from sdsx.checkpoint import Checkpoint, CheckpointMismatch
-    from sdsx.io import check_out_dir, save_pruned
+    from sdsx.job import run
 
-    method = args.method
-    full_method = f"sds-{args.pruner}" if method == "sds" else method
-    if args.distributed:
-        if method != "sds":
-            raise CLIError(f"--distributed spreads SDS's phases 2 and 3 over ranks; --method {method} has none (use --method sds)")
+    if args.distributed:  # the configuration checks these too; here the messages name the flags
+        if args.method != "sds":
+            raise CLIError(f"--distributed spreads SDS's phases 2 and 3 over ranks; --method {args.method} has none (use --method sds)")
         if args.schedule not in (None, "parallel"):
             raise CLIError(f"--distributed runs the parallel schedule, not --schedule {args.schedule}")
         if args.out is None:
             raise CLIError("--distributed needs --out DIR: the ranks exchange layers through it and a failed run resumes from it")
-        args.schedule = "parallel"
-        from sdsx.parallel import init_distributed, install_stop_message, worker
-
-        rank, world = init_distributed()
-        install_stop_message(args.out)
-        if rank > 0:  # ranks 1..N-1 need no model: they work on the layers rank 0 writes to --out
-            worker(args.out)
-            _leave_group()
-            return 0
-        log.info("distributed run: rank 0 of %d (phase 1, evaluation, saving); ranks 1..%d do phases 2 and 3", world, world - 1)
-    if args.out is not None:
-        state = check_out_dir(args.out, args.overwrite)
-        if state == "checkpoint":
-            log.info("--out %s holds an sdsx checkpoint: resuming from it", args.out)
-    device = _device(args.device)
-    _check_inputs(args, calib=True)
-    model, tok, meta, label = load_model(args.model, args.dtype)
-    _point_at_blocks(model, args.blocks)
-    if meta is not None and meta.get("pattern"):
-        raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); prune the dense model")
-    evaluate = _Evaluator(args, tok, ppl_default=True)
-    calib, calib_desc = _calibration(args, tok, model)
-
-    rows = []
-    dense = _dense_eval(evaluate, model, device, args, label) if not evaluate.empty else {}
-    if dense:
-        rows.append(_row(label, "dense", "0", dense, evaluate.ppl_name))
-    t0 = time.perf_counter()
+    config = _run_config(args)
     try:
-        report = _run_method(model, calib, full_method, args.sparsity, args, device, checkpoint_dir=args.out, tokenizer=tok)
-    except CheckpointMismatch:
-        if not args.overwrite:
-            raise
-        log.warning("--overwrite: discarding the checkpoint of another run in %s", args.out)
-        Checkpoint(args.out, {}).remove()
-        report = _run_method(model, calib, full_method, args.sparsity, args, device, checkpoint_dir=args.out, tokenizer=tok)
-    seconds = max(time.perf_counter() - t0, report.total_s)
-    pruned = evaluate(model, device) if not evaluate.empty else {}
-    rows.append(_row(label, full_method, args.sparsity, pruned, evaluate.ppl_name, seconds))
+        return _show(run(config, command=_command(args)))
+    finally:
+        if args.distributed:
+            _leave_group()
 
-    run_meta = {
-        "model": args.model, "method": full_method, "sparsity": args.sparsity, "calibration": calib_desc,
-        "command": _command(args),
-        "evaluation": evaluate.settings(),
-        "dense": _strip(dense), "pruned": _strip(pruned),
-    }
-    if args.out is not None:
-        save_pruned(model, tok, args.out, report, dict(run_meta), save_masks=args.save_masks, overwrite=True)
-    report_dir = _report_dir(args.report if args.report or args.out is None else str(Path(args.out) / "report"),
-                             label, full_method, args.sparsity.replace(":", "_"))
-    from sdsx.report import write_report
 
-    write_report(report_dir, rows, [report], meta=run_meta, title=f"sdsx prune {label}: {full_method} {args.sparsity}")
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sdsx.config import RunConfig
+    from sdsx.job import run
+
+    config = RunConfig.load(args.config)
     if args.out is not None:
-        Checkpoint(args.out, {}).remove()  # everything is saved: the folder is a finished model now
-    _print_table(rows)
-    print(f"report: {report_dir}" + (f"\nmodel: {args.out}" if args.out else ""))
-    if args.distributed:
-        _leave_group()
-    return 0
+        config = config.replace(output={"out": args.out, "report": None})
+    if args.no_progress:
+        config = config.replace(engine={"progress": False})
+    try:
+        return _show(run(config, command=_command(args)))
+    finally:
+        if config.engine.distributed:
+            _leave_group()
 
 
 def _leave_group() -> None:
@@ -824,25 +498,21 @@ def _command(args: argparse.Namespace) -> str:
     return "sdsx " + shlex.join(args.argv)
 
 
-def _strip(ev: dict[str, Any]) -> dict[str, Any]:
-    """Evaluation results without per-item samples (for JSON)."""
-    out = dict(ev)
-    if "zeroshot" in out:
-        out["zeroshot"] = {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in out["zeroshot"].items()}
-    return out
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    device = _device(args.device)
-    _check_inputs(args, calib=False)
+    from sdsx.job import Evaluator, check_inputs, resolve_device
+
+    device = resolve_device(args.device)
+    check_inputs(_eval_config(args), None)
     model, tok, meta, label = load_model(args.model, args.dtype)
-    evaluate = _Evaluator(args, tok, ppl_default=not args.tasks)
+    evaluate = Evaluator(_eval_config(args), tok, args.bos, not args.no_progress, ppl_default=not args.tasks)
+    from sdsx.job import result_row, strip_samples
+
     if evaluate.empty:
         raise CLIError("nothing to evaluate: give --ppl SOURCE and/or --tasks LIST")
     ev = evaluate(model, device)
     method = (meta or {}).get("method") or "dense"
     sparsity = str((meta or {}).get("pattern") or "0")
-    rows = [_row(label, method, sparsity, ev, evaluate.ppl_name)]
+    rows = [result_row(label, method, sparsity, ev, evaluate.ppl_name)]
     _print_table(rows)
     if ev.get("zeroshot"):
         from sdsx.report import zeroshot_table
@@ -853,7 +523,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from sdsx.report import write_report
 
         out = Path(args.report).expanduser()
-        meta = {"model": args.model, "command": _command(args), "evaluation": _strip(ev), "protocol": evaluate.protocol,
+        meta = {"model": args.model, "command": _command(args), "evaluation": strip_samples(ev), "protocol": evaluate.protocol,
                 "saved_meta": meta}
         write_report(out, rows, [], meta=meta,
                      title=f"sdsx eval {label}", zeroshot=ev.get("zeroshot"))
@@ -866,14 +536,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if args.distributed:
         raise CLIError("--distributed is for `sdsx prune --method sds`; compare runs every method in one process")
-    device = _device(args.device)
-    _check_inputs(args, calib=True)
+    from sdsx.config import CalibrationConfig
+    from sdsx.job import Evaluator, PruneContext, calibrate, check_inputs, point_at_blocks, prune_model, report_dir_for, resolve_device, result_row
+
+    device = resolve_device(args.device)
+    calibration = CalibrationConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    check_inputs(_eval_config(args), calibration)
     model, tok, meta, label = load_model(args.model, args.dtype)
-    _point_at_blocks(model, args.blocks)
+    point_at_blocks(model, args.blocks)
     if meta is not None and meta.get("pattern"):
         raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); compare needs the dense model")
-    evaluate = _Evaluator(args, tok, ppl_default=True)
-    calib, calib_desc = _calibration(args, tok, model)
+    progress = not args.no_progress
+    evaluate = Evaluator(_eval_config(args), tok, args.bos, progress, ppl_default=True)
+    calib, calib_desc = calibrate(calibration, tok, model, args.bos, progress)
     blocks, path = find_blocks(model)
     linears = {}
     for i, block in enumerate(blocks):
@@ -882,22 +557,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     rows, reports = [], []
     dense = evaluate(model, device) if not evaluate.empty else {}
-    rows.append(_row(label, "dense", "0", dense, evaluate.ppl_name))
+    rows.append(result_row(label, "dense", "0", dense, evaluate.ppl_name))
+    ctx = PruneContext(device, progress, None, tok, args.seed, args.bos)
     runs = [(s, m) for s in args.sparsity for m in args.methods if m != "dense"]
     for k, (sparsity, method) in enumerate(runs, 1):
         log.info("compare %d/%d: %s %s", k, len(runs), method, sparsity)
         for name, m in linears.items():
             set_weight(m, dense_weights[name])
         t0 = time.perf_counter()
-        report = _run_method(model, calib, method, sparsity, args, device, tokenizer=tok)
+        report = prune_model(model, calib, _method_config(args, method, sparsity), sparsity, ctx)
         seconds = time.perf_counter() - t0
         ev = evaluate(model, device) if not evaluate.empty else {}
-        rows.append(_row(label, method, sparsity, ev, evaluate.ppl_name, seconds))
+        rows.append(result_row(label, method, sparsity, ev, evaluate.ppl_name, seconds))
         reports.append(report)
     for name, m in linears.items():
         set_weight(m, dense_weights[name])
 
-    report_dir = _report_dir(args.report, label, "compare")
+    report_dir = report_dir_for(args.report, label, "compare")
     from sdsx.report import write_report
 
     write_report(report_dir, rows, reports, title=f"sdsx compare {label}",
@@ -969,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     args.argv = list(argv) if argv is not None else sys.argv[1:]
-    commands = {"prune": _cmd_prune, "eval": _cmd_eval, "compare": _cmd_compare}
+    commands = {"prune": _cmd_prune, "eval": _cmd_eval, "compare": _cmd_compare, "run": _cmd_run}
     from sdsx.io import PatternError
     from sdsx.parallel import DistributedRunError
 
