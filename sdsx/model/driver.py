@@ -19,10 +19,13 @@ import torch
 from torch import nn
 
 from sdsx.checkpoint import fault_point
+from sdsx.engine.accounting import Memory, module_bytes, nbytes
+from sdsx.engine.capture import Captured, as_batches, clean_arguments, pass_through
+from sdsx.engine.streams import BlockChoice, ValidationStream, hidden_deviation
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
 from sdsx.numerics import all_finite
 from sdsx.pruners.base import PruneResult
-from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions, BlockFitRecord, channel_weights, fit_block, relative_error, visited
+from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions, BlockFitRecord, channel_weights, fit_block, visited
 from sdsx.stats import GramAccumulator
 
 if TYPE_CHECKING:
@@ -93,129 +96,6 @@ class DriverResult:
         out = asdict(self)
         out["layers"] = [dict(asdict(r), sparsity=r.sparsity) for r in self.layers]
         return out
-
-
-class _Captured(Exception):
-    """Raised by the block-0 hook to stop the model once the block's inputs are known."""
-
-
-def _pass_through(*args: Any, **kwargs: Any) -> Any:
-    """Stands in for a block's forward while capture() looks for the arguments of later blocks."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-class _Memory:
-    """Bytes the driver itself holds (tensors it owns or keeps alive), with the running peak."""
-
-    def __init__(self) -> None:
-        self.current = 0
-        self.peak = 0
-
-    def add(self, nbytes: int) -> None:
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-
-    def sub(self, nbytes: int) -> None:
-        self.current -= nbytes
-
-
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_nbytes(o) for o in obj.values())
-    return 0
-
-
-def _module_bytes(module: nn.Module) -> int:
-    return sum(_nbytes(t) for t in module.parameters()) + sum(_nbytes(t) for t in module.buffers())
-
-
-def _is_cache(obj: Any) -> bool:
-    # KV caches must not be shared between calibration batches; matched by name so that this
-    # module does not need transformers.
-    return any(cls.__name__.endswith("Cache") for cls in type(obj).__mro__)
-
-
-def _clean(obj: Any) -> Any:
-    """Detach tensors and drop KV caches from captured block arguments."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    if _is_cache(obj):
-        return None
-    if isinstance(obj, tuple):
-        return tuple(_clean(o) for o in obj)
-    if isinstance(obj, list):
-        return [_clean(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    return obj
-
-
-def as_batches(calib: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 1) -> list[torch.Tensor]:
-    """Split calibration token ids into (b, L) LongTensor batches.
-
-    Accepts a (nsamples, seqlen) tensor, a 1-D tensor (one sequence), or a list of 1-D / 2-D
-    tensors (sequences of one list entry may differ in length from another's).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(calib, torch.Tensor):
-        seqs = [calib.unsqueeze(0)] if calib.dim() == 1 else [calib]
-    else:
-        seqs = []
-        for item in calib:
-            if not isinstance(item, torch.Tensor):
-                item = torch.as_tensor(item)
-            seqs.append(item.unsqueeze(0) if item.dim() == 1 else item)
-    batches: list[torch.Tensor] = []
-    for seq in seqs:
-        if seq.dim() != 2:
-            raise ValueError(f"calibration tensors must be (nsamples, seqlen) token ids, got shape {tuple(seq.shape)}")
-        for start in range(0, seq.shape[0], batch_size):
-            batches.append(seq[start : start + batch_size])
-    return batches
-
-
-def hidden_deviation(out: list[torch.Tensor], target: list[torch.Tensor], weight: torch.Tensor | None = None) -> float:
-    """Mean over tokens of ||w (h - h_d)||^2 / ||w h_d||^2: how far the hidden states ``out`` are
-    from the dense model's ``target``. Per token, so that the few tokens with massive activations
-    (the attention sink) do not drown the others; ``weight`` balances the channels
-    (:func:`sdsx.pruners.blockfit.channel_weights`)."""
-    total, count = 0.0, 0
-    for h, d in zip(out, target):
-        tokens = h[..., 0].numel()
-        total += float(relative_error(h, d, weight)) * tokens
-        count += tokens
-    return total / max(count, 1)
-
-
-#: ``block_choice(index) -> [(label, {linear name: weight}), ...]``: candidate weight sets for the
-#: block just solved (the weights written back are the first candidate). The driver keeps the one
-#: whose output on the validation windows is closest to the dense model's hidden state.
-BlockChoice = Callable[[int], "list[tuple[str, dict[str, torch.Tensor]]]"]
-
-
-class _Validation:
-    """The held-out calibration windows: their hidden states in the model pruned so far
-    (``pruned``) and in the dense model (``dense``), one (b, L, hidden) tensor per batch each."""
-
-    def __init__(self, pruned: list[torch.Tensor], calib: int | None = None) -> None:
-        self.pruned = pruned
-        self.dense = [x.clone() for x in pruned]
-        # the first ``calib`` batches are held-out calibration windows, whose Gram joins phase 1's H;
-        # the others (another domain's) only validate
-        self.calib = len(pruned) if calib is None else calib
-
-    def tensors(self) -> list[torch.Tensor]:
-        return self.pruned + self.dense
-
-    def load(self, stored: list[torch.Tensor]) -> None:
-        n = len(self.pruned)
-        for x, saved in zip(self.pruned + self.dense, stored[-2 * n:]):
-            x.copy_(saved)
 
 
 class BlockDriver:
@@ -354,23 +234,23 @@ class BlockDriver:
                 if index == 0:
                     inputs.append(hidden.detach().to(self.store_device, copy=hidden.device == self.store_device))
                     shape[:] = [tuple(hidden.shape)]
-                    arguments.setdefault(shape[0], (_clean(rest), _clean(kwargs)))
+                    arguments.setdefault(shape[0], (clean_arguments(rest), clean_arguments(kwargs)))
                 if index in firsts:
-                    arguments.setdefault((firsts[index], shape[0]), (_clean(rest), _clean(kwargs)))
+                    arguments.setdefault((firsts[index], shape[0]), (clean_arguments(rest), clean_arguments(kwargs)))
                 if index == last:
-                    raise _Captured
+                    raise Captured
 
             return pre_hook
 
         handles = [self.blocks[i].register_forward_pre_hook(make_pre_hook(i), with_kwargs=True) for i in sorted({0, *firsts})]
         for block in self.blocks[:last]:
-            block.forward = _pass_through  # an instance attribute: nn.Module.__call__ runs it instead
+            block.forward = pass_through  # an instance attribute: nn.Module.__call__ runs it instead
         moved = self._move_outside_blocks(self.device)
         try:
             for ids in batches:
                 try:
                     self.model(input_ids=ids.to(self.device), use_cache=False)
-                except _Captured:
+                except Captured:
                     continue
                 raise RuntimeError(
                     f"{type(self.model).__name__} returned without calling its first decoder block "
@@ -403,7 +283,7 @@ class BlockDriver:
         buffer: list[torch.Tensor],
         arguments: dict[tuple, tuple],
         result: DriverResult,
-        memory: _Memory,
+        memory: Memory,
         dense: list[torch.Tensor] | None = None,
         crosses: dict[int, Any] | None = None,
         outputs: list[torch.Tensor] | None = None,
@@ -453,7 +333,7 @@ class BlockDriver:
                     if acc is None:
                         acc = self.accumulator(columns, self.device, diag)
                         acc_of[name] = acc
-                        memory.add(_nbytes(vars(acc)))
+                        memory.add(nbytes(vars(acc)))
                     elif id(acc) in updated:
                         raise RuntimeError(
                             f"{name}: the linear layers of this block share inputs differently from "
@@ -464,7 +344,7 @@ class BlockDriver:
                         cross = crosses.get(id(acc))
                         if cross is None:
                             cross = crosses[id(acc)] = CrossGram(columns, self.device)
-                            memory.add(_nbytes(cross.sum))
+                            memory.add(nbytes(cross.sum))
                         cross.update(x, dense_inputs[name])
                     updated.add(id(acc))
                     seen[key] = (x, acc)
@@ -577,7 +457,7 @@ class BlockDriver:
             A :class:`DriverResult` with per-layer records, split timings and peak memory.
         """
         result = DriverResult(device=str(self.device))
-        memory = _Memory()
+        memory = Memory()
         start = self._now()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -592,7 +472,7 @@ class BlockDriver:
             raise ValueError(f"validation windows need stats='full', not {self.stats!r}")
         if block_choice is not None and validation is None:
             raise ValueError("block_choice needs validation windows")
-        val: _Validation | None = None
+        val: ValidationStream | None = None
         fit_dense: list[torch.Tensor] | None = None  # the dense stream of the calibration windows, for block_fit
         if block_fit is not None and self.stats != "full":
             raise ValueError(f"block_fit needs stats='full', not {self.stats!r}")
@@ -621,18 +501,18 @@ class BlockDriver:
                         vbuffer, vargs = self.capture(vbatches)
                         for key, value in vargs.items():
                             arguments.setdefault(key, value)
-                        val = _Validation(vbuffer, calib_batches)
+                        val = ValidationStream(vbuffer, calib_batches)
                         result.validation_samples = sum(b.shape[0] for b in vbatches)
-                        memory.add(_nbytes(val.tensors()))
+                        memory.add(nbytes(val.tensors()))
                     result.forward_s += self._now() - t0
-                    memory.add(_nbytes(buffer) + _nbytes(arguments))
+                    memory.add(nbytes(buffer) + nbytes(arguments))
                     if self.dense_stream:
                         dense = [x.clone() for x in buffer]
-                        memory.add(_nbytes(dense))
+                        memory.add(nbytes(dense))
                     elif block_fit is not None and block_fit.target == "dense":
                         # only the windows the fit visits need the dense model's hidden states
                         fit_dense = [buffer[i].clone() for i in visited(len(buffer), block_fit)]
-                        memory.add(_nbytes(fit_dense))
+                        memory.add(nbytes(fit_dense))
                     self._warn_rank(result.tokens)
                     if first:
                         self._resume_inputs(checkpoint, pass_name, first, buffer, arguments, result, val, fit_dense)
@@ -692,7 +572,7 @@ class BlockDriver:
 
     def _resume_inputs(
         self, checkpoint: "Checkpoint", pass_name: str, first: int, buffer: list[torch.Tensor], arguments: dict, result: DriverResult,
-        val: _Validation | None = None,
+        val: ValidationStream | None = None,
         fit_dense: list[torch.Tensor] | None = None,
     ) -> None:
         """Make ``buffer`` the inputs of block ``first``: the stored activations when the checkpoint
@@ -736,7 +616,7 @@ class BlockDriver:
     def _save_block(  # noqa: PLR0913
         self, checkpoint: "Checkpoint", pass_name: str, index: int, block: nn.Module, names: list[str],
         buffer: list[torch.Tensor], state: BlockState | None, result: DriverResult, total_s: float,
-        val: _Validation | None = None,
+        val: ValidationStream | None = None,
         fit_dense: list[torch.Tensor] | None = None,
     ) -> None:
         tensors = {f"w.{k}": v for k, v in block.state_dict().items()}
@@ -768,7 +648,7 @@ class BlockDriver:
         arguments: dict,
         layer_fn: LayerFn,
         result: DriverResult,
-        memory: _Memory,
+        memory: Memory,
         first: int = 0,
         checkpoint: "Checkpoint | None" = None,
         pass_name: str = "prune",
@@ -777,7 +657,7 @@ class BlockDriver:
         prior_total: float = 0.0,
         after_block: Callable[[int], None] | None = None,
         dense: list[torch.Tensor] | None = None,
-        val: _Validation | None = None,
+        val: ValidationStream | None = None,
         block_choice: BlockChoice | None = None,
         block_fit: BlockFitOptions | None = None,
         fit_dense: list[torch.Tensor] | None = None,
@@ -792,7 +672,7 @@ class BlockDriver:
                 f0, s0, p0 = result.forward_s, result.stats_s, result.solver_s
                 home = next(block.parameters()).device
                 block.to(self.device)
-                block_bytes = _module_bytes(block)
+                block_bytes = module_bytes(block)
                 memory.add(block_bytes)
                 linears = find_linears(block, prefix=f"{self.path}.{index}")
                 try:
@@ -816,13 +696,13 @@ class BlockDriver:
                     weight = self._channel_weights(targets, val)
                     self._solve(index, linears, accs, layer_fn, result, memory, crosses, vaccs, oaccs)
                     for acc in {id(a): a for d in (accs, vaccs, oaccs) for a in d.values()}.values():
-                        memory.sub(_nbytes(vars(acc)))
+                        memory.sub(nbytes(vars(acc)))
                     accs.clear()
                     vaccs.clear()
                     oaccs.clear()
                     fit = None
                     if block_fit is not None:
-                        def fit(v: _Validation | None, start: float | None = None, index=index, block=block, linears=linears,
+                        def fit(v: ValidationStream | None, start: float | None = None, index=index, block=block, linears=linears,
                                 targets=targets, weight=weight) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
                             return self._fit_block(index, block, linears, buffer, targets, arguments, block_fit, result, v, start,
                                                    weight)
@@ -859,9 +739,9 @@ class BlockDriver:
             bar.close()
 
     def _validate_block(  # noqa: PLR0913
-        self, index: int, block: nn.Module, linears: dict[str, nn.Module], val: _Validation, arguments: dict,
+        self, index: int, block: nn.Module, linears: dict[str, nn.Module], val: ValidationStream, arguments: dict,
         result: DriverResult, block_choice: BlockChoice | None,
-        fit: Callable[[_Validation, float], tuple[BlockFitRecord, list[torch.Tensor] | None]] | None = None,
+        fit: Callable[[ValidationStream, float], tuple[BlockFitRecord, list[torch.Tensor] | None]] | None = None,
         weight: torch.Tensor | None = None,
     ) -> None:
         """Run the validation windows through the finished block; with ``block_choice``, through each
@@ -893,7 +773,7 @@ class BlockDriver:
             x.copy_(out)
         result.blocks.append(entry)
 
-    def _channel_weights(self, targets: list[torch.Tensor | None] | None, val: _Validation | None) -> torch.Tensor | None:
+    def _channel_weights(self, targets: list[torch.Tensor | None] | None, val: ValidationStream | None) -> torch.Tensor | None:
         """The block's channel weights for the "balanced" deviation, from the dense hidden states
         after it: the block fit's targets where there are any (more windows), else the validation
         windows'; None for "plain" or with neither."""
@@ -927,7 +807,7 @@ class BlockDriver:
     def _fit_block(  # noqa: PLR0913
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], inputs: list[torch.Tensor],
         targets: list[torch.Tensor], arguments: dict, options: BlockFitOptions, result: DriverResult,
-        val: _Validation | None = None, start: float | None = None, weight: torch.Tensor | None = None,
+        val: ValidationStream | None = None, start: float | None = None, weight: torch.Tensor | None = None,
     ) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
         """Fit the block's kept weights to ``targets`` (see :func:`sdsx.pruners.blockfit.fit_block`)
         and write the kept iterate back; with ``val``, scored on its windows (``start``: the starting
@@ -973,7 +853,7 @@ class BlockDriver:
 
     def _oom_message(self, index: int, buffer: list[torch.Tensor], block_bytes: int, linears: dict[str, nn.Module], exc: BaseException) -> str:
         mib = 2**20
-        act = _nbytes(buffer)
+        act = nbytes(buffer)
         widest = max((in_features(m) for m in linears.values()), default=0)
         hints = []
         if buffer and buffer[0].device.type == self.device.type and self.device.type != "cpu":
@@ -995,7 +875,7 @@ class BlockDriver:
         accs: dict[str, Any],
         layer_fn: LayerFn,
         result: DriverResult,
-        memory: _Memory,
+        memory: Memory,
         crosses: dict[int, Any] | None = None,
         vaccs: dict[str, Any] | None = None,
         oaccs: dict[str, Any] | None = None,
@@ -1015,7 +895,7 @@ class BlockDriver:
                             H = finalized[id(acc)] = acc.finalize()
                         except FloatingPointError as exc:
                             raise FloatingPointError(f"{name}: {exc}; they come from the block's input or its own computation") from exc
-                        memory.add(_nbytes(H))
+                        memory.add(nbytes(H))
                         result.stats_s += self._now() - t0
                 split = None
                 if vaccs:
@@ -1029,7 +909,7 @@ class BlockDriver:
                         if other is not None:  # another domain's windows validate, with equal weight per token
                             Hv = (Hv * vacc.tokens + other.finalize() * other.tokens) / (vacc.tokens + other.tokens)
                         split_all = splits[id(acc)] = (H_all, H, Hv)
-                        memory.add(_nbytes(H_all) + _nbytes(Hv))
+                        memory.add(nbytes(H_all) + nbytes(Hv))
                         result.stats_s += self._now() - t0
                     H, split = split_all[0], split_all[1:]
                 weight = get_weight(module)
@@ -1049,9 +929,9 @@ class BlockDriver:
                 if out is not None:
                     if not all_finite(out.weight):
                         raise FloatingPointError(f"{name}: the pruned weight holds NaN/Inf; the layer's statistics are degenerate")
-                    memory.add(_nbytes(tuple(out)))
+                    memory.add(nbytes(tuple(out)))
                     set_weight(module, out.weight)
-                    memory.sub(_nbytes(tuple(out)))
+                    memory.sub(nbytes(tuple(out)))
                 seconds = self._now() - t0
                 result.solver_s += seconds
                 if out is None:
@@ -1061,9 +941,9 @@ class BlockDriver:
                 rows, cols = weight.shape
                 result.layers.append(LayerRecord(name, (int(rows), int(cols)), pruned, weight.numel(), loss, seconds, index))
         finally:
-            memory.sub(sum(_nbytes(h) for h in finalized.values()))
-            memory.sub(sum(_nbytes(s[0]) + _nbytes(s[2]) for s in splits.values()))
+            memory.sub(sum(nbytes(h) for h in finalized.values()))
+            memory.sub(sum(nbytes(s[0]) + nbytes(s[2]) for s in splits.values()))
             if crosses:
-                memory.sub(sum(_nbytes(c.sum) for c in crosses.values()))
+                memory.sub(sum(nbytes(c.sum) for c in crosses.values()))
                 crosses.clear()
 
