@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +20,8 @@ from torch import nn
 from sdsx.checkpoint import fault_point
 from sdsx.engine.accounting import Memory, module_bytes, nbytes
 from sdsx.engine.capture import Captured, as_batches, clean_arguments, pass_through
+from sdsx.engine.records import BlockState, DriverResult, LayerRecord  # noqa: F401  (re-exported)
+from sdsx.engine.resume import BlockResume
 from sdsx.engine.streams import BlockChoice, ValidationStream, hidden_deviation
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
 from sdsx.numerics import all_finite
@@ -43,59 +44,6 @@ __all__ = ["BlockChoice", "BlockDriver", "BlockState", "DriverResult", "LayerRec
 LayerFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], "PruneResult | None"]
 
 STAT_KINDS = ("full", "diag", "none")
-_TIMINGS = ("forward_s", "stats_s", "solver_s", "total_s")
-
-
-class BlockState(Protocol):
-    """What a layer function keeps besides the weights (e.g. SDS's per-phase errors), so that a
-    resumed run restores it: ``save`` is called after each block with the names of its linears and
-    returns (JSON-able dict, tensors); ``restore`` gets them back, with the block's restored
-    (out, in) weights, for every finished block in order."""
-
-    def save(self, index: int, names: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
-
-    def restore(self, index: int, data: dict[str, Any], tensors: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None: ...
-
-
-@dataclass
-class LayerRecord:
-    """What happened to one linear layer."""
-
-    name: str
-    shape: tuple[int, int]  # (out, in)
-    pruned: int  # entries the mask removed
-    numel: int
-    loss: float  # the layer function's reported error (NaN when it had none)
-    seconds: float  # wall time of the layer function plus the write-back
-    block: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.pruned / self.numel if self.numel else 0.0
-
-
-@dataclass
-class DriverResult:
-    """Per-layer records and where the time and memory went."""
-
-    layers: list[LayerRecord] = field(default_factory=list)
-    forward_s: float = 0.0  # block forward passes (capture, statistics pass without hooks, re-run)
-    stats_s: float = 0.0  # statistics accumulation inside the hooks plus finalisation
-    solver_s: float = 0.0  # layer functions and weight write-back
-    total_s: float = 0.0  # wall time of the whole run
-    peak_tracked_bytes: int = 0  # activations + kwargs + one block + statistics + one layer's result
-    cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated on CUDA runs
-    device: str = "cpu"
-    nsamples: int = 0
-    tokens: int = 0
-    validation_samples: int = 0  # calibration sequences held out from fitting (0: no validation)
-    blocks: list[dict[str, Any]] = field(default_factory=list)  # per block: validation deviations, choice
-    fits: list[dict[str, Any]] = field(default_factory=list)  # per block: the block fit's BlockFitRecord
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["layers"] = [dict(asdict(r), sparsity=r.sparsity) for r in self.layers]
-        return out
 
 
 class BlockDriver:
@@ -159,6 +107,7 @@ class BlockDriver:
         self.batch_size = batch_size
         self.progress = progress
         self.desc = desc
+        self._resume = BlockResume(self.blocks, self.path, desc, progress)
         # sliding-window and full-attention blocks get their own mask (and rotary table) from the
         # model: capture() records the arguments of each kind, _call() hands a block its kind's
         self.kinds = {id(b): kind for b, kind in zip(self.blocks, layer_kinds(model, self.blocks))}
@@ -476,7 +425,7 @@ class BlockDriver:
         fit_dense: list[torch.Tensor] | None = None  # the dense stream of the calibration windows, for block_fit
         if block_fit is not None and self.stats != "full":
             raise ValueError(f"block_fit needs stats='full', not {self.stats!r}")
-        first = self._restore_finished(checkpoint, pass_name, state, result) if checkpoint is not None else 0
+        first = self._resume.restore_finished(checkpoint, pass_name, state, result) if checkpoint is not None else 0
         if after_block is not None:
             for index in range(first):
                 after_block(index)
@@ -515,7 +464,8 @@ class BlockDriver:
                         memory.add(nbytes(fit_dense))
                     self._warn_rank(result.tokens)
                     if first:
-                        self._resume_inputs(checkpoint, pass_name, first, buffer, arguments, result, val, fit_dense)
+                        self._resume.resume_inputs(checkpoint, pass_name, first, buffer,
+                                                   lambda i: self._recompute(i, buffer, arguments, result), val, fit_dense)
                 self._blocks(buffer, arguments, layer_fn, result, memory, first, checkpoint, pass_name, state, start, prior_total,
                              after_block, dense, val, block_choice, block_fit, fit_dense)
             if checkpoint is not None:
@@ -543,104 +493,13 @@ class BlockDriver:
                 self.desc, tokens, widest, tokens,
             )
 
-    # ------------------------------------------------------------------ checkpoints
-    def _restore_finished(self, checkpoint: "Checkpoint", pass_name: str, state: BlockState | None, result: DriverResult) -> int:
-        """Load the weights (and records, and side state) of the blocks the checkpoint lists as
-        finished for this pass; returns how many."""
-        done = checkpoint.finished(pass_name)
-        if done > len(self.blocks):
-            raise ValueError(f"the checkpoint lists {done} finished blocks but the model has {len(self.blocks)}")
-        for index in range(done):
-            block = self.blocks[index]
-            tensors, record = checkpoint.load_block(pass_name, index)
-            block.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("w.")}, strict=True)
-            result.layers.extend(LayerRecord(**dict(r, shape=tuple(r["shape"]))) for r in record.get("layers", []))
-            if record.get("validation"):
-                result.blocks.append(record["validation"])
-            if record.get("fit"):
-                result.fits.append(record["fit"])
-            if state is not None:
-                linears = find_linears(block, prefix=f"{self.path}.{index}")
-                weights = {n: get_weight(m) for n, m in linears.items()}
-                state.restore(index, record.get("state", {}), {k[2:]: v for k, v in tensors.items() if k.startswith("s.")}, weights)
-        for key, value in checkpoint.timings(pass_name).items():
-            if key in _TIMINGS:
-                setattr(result, key, float(value))
-        if done:
-            log.info("%s: %d of %d blocks restored from the checkpoint", self.desc, done, len(self.blocks))
-        return done
-
-    def _resume_inputs(
-        self, checkpoint: "Checkpoint", pass_name: str, first: int, buffer: list[torch.Tensor], arguments: dict, result: DriverResult,
-        val: ValidationStream | None = None,
-        fit_dense: list[torch.Tensor] | None = None,
-    ) -> None:
-        """Make ``buffer`` the inputs of block ``first``: the stored activations when the checkpoint
-        has them, else block 0's inputs re-run through the restored blocks 0 .. first-1. The dense
-        streams (always stored with a checkpoint: they cannot be recomputed once their blocks are
-        pruned) come last in the stored list: the validation streams, then the block fit's."""
-        stored = checkpoint.load_activations(pass_name) or []
-        if fit_dense is not None:
-            tail = stored[-len(fit_dense):] if len(stored) >= len(fit_dense) else []
-            if not tail or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(tail, fit_dense)):
-                raise ValueError(
-                    "the checkpoint has no dense hidden states for the block fit (it was made without block_fit, "
-                    "or by an older sdsx); start the run afresh in a new folder"
-                )
-            for x, saved in zip(fit_dense, tail):
-                x.copy_(saved)
-            stored = stored[: -len(fit_dense)]
-        if val is not None:
-            want = val.tensors()
-            tail = stored[-len(want):] if len(stored) >= len(want) else []
-            if not tail or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(tail, want)):
-                raise ValueError(
-                    "the checkpoint has no validation hidden states for this run (it was made without validation windows, "
-                    "or by an older sdsx); start the run afresh in a new folder"
-                )
-            val.load(stored)
-            stored = stored[: -len(want)]
-        if len(stored) == len(buffer) and stored and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(stored, buffer)):
-            for x, saved in zip(buffer, stored):
-                x.copy_(saved)
-            return
-        from tqdm.auto import tqdm
-
-        for index in tqdm(range(first), desc=f"{self.desc} (recomputing inputs)", unit="block", disable=not self.progress, leave=False):
-            block = self.blocks[index]
-            home = next(block.parameters()).device
-            block.to(self.device)
-            self._propagate(block, buffer, arguments, result, index)
-            block.to(home)
-
-    def _save_block(  # noqa: PLR0913
-        self, checkpoint: "Checkpoint", pass_name: str, index: int, block: nn.Module, names: list[str],
-        buffer: list[torch.Tensor], state: BlockState | None, result: DriverResult, total_s: float,
-        val: ValidationStream | None = None,
-        fit_dense: list[torch.Tensor] | None = None,
-    ) -> None:
-        tensors = {f"w.{k}": v for k, v in block.state_dict().items()}
-        data: dict[str, Any] = {}
-        if state is not None:
-            data, extra = state.save(index, names)
-            tensors.update({f"s.{k}": v for k, v in extra.items()})
-        layers = [dict(asdict(r), shape=list(r.shape)) for r in result.layers if r.block == index]
-        timings = {k: getattr(result, k) for k in _TIMINGS[:3]}
-        timings["total_s"] = total_s
-        last = index + 1 == len(self.blocks)
-        acts = list(buffer) if buffer and not last and checkpoint.wants_activations(buffer) else []
-        if val is not None and not last:
-            acts += val.tensors()
-        if fit_dense is not None and not last:
-            acts += fit_dense
-        record: dict[str, Any] = {"layers": layers, "state": data}
-        blocks = [b for b in result.blocks if b.get("block") == index]
-        if blocks:
-            record["validation"] = blocks[-1]
-        fits = [f for f in result.fits if f.get("block") == index]
-        if fits:
-            record["fit"] = fits[-1]
-        checkpoint.save_block(pass_name, index, tensors, record, timings, acts or None)
+    def _recompute(self, index: int, buffer: list[torch.Tensor], arguments: dict, result: DriverResult) -> None:
+        """Run the (restored) block ``index`` over ``buffer`` in place, on the compute device."""
+        block = self.blocks[index]
+        home = next(block.parameters()).device
+        block.to(self.device)
+        self._propagate(block, buffer, arguments, result, index)
+        block.to(home)
 
     def _blocks(  # noqa: PLR0913
         self,
@@ -719,8 +578,8 @@ class BlockDriver:
                 block.to(home)
                 memory.sub(block_bytes)
                 if checkpoint is not None:
-                    self._save_block(checkpoint, pass_name, index, block, list(linears), buffer, state, result,
-                                     prior_total + self._now() - start, val, fit_dense)
+                    self._resume.save_block(checkpoint, pass_name, index, block, list(linears), buffer, state, result,
+                                            prior_total + self._now() - start, val, fit_dense)
                 if after_block is not None:
                     after_block(index)
                 bar.update(1)
