@@ -11,7 +11,6 @@ does not grow with depth.
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -20,13 +19,16 @@ from torch import nn
 from sdsx.checkpoint import fault_point
 from sdsx.engine.accounting import Memory, module_bytes, nbytes
 from sdsx.engine.capture import Captured, as_batches, clean_arguments, pass_through
+from sdsx.engine.fit import balanced_weights, dense_targets, fit_kept_weights
+from sdsx.engine.guard import guard_block
 from sdsx.engine.records import BlockState, DriverResult, LayerRecord  # noqa: F401  (re-exported)
 from sdsx.engine.resume import BlockResume
+from sdsx.engine.runner import BlockRunner, BlockView
 from sdsx.engine.streams import BlockChoice, ValidationStream, hidden_deviation
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
 from sdsx.numerics import all_finite
 from sdsx.pruners.base import PruneResult
-from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions, BlockFitRecord, channel_weights, fit_block, visited
+from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions, BlockFitRecord, visited
 from sdsx.stats import GramAccumulator
 
 if TYPE_CHECKING:
@@ -111,6 +113,7 @@ class BlockDriver:
         # sliding-window and full-attention blocks get their own mask (and rotary table) from the
         # model: capture() records the arguments of each kind, _call() hands a block its kind's
         self.kinds = {id(b): kind for b, kind in zip(self.blocks, layer_kinds(model, self.blocks))}
+        self.runner = BlockRunner(self.device, self.kinds)
         self.accumulator = accumulator or (lambda columns, device, diag: GramAccumulator(columns, device=device, diag_only=diag))
         self.share_inputs = share_inputs
         if dense_stream and stats != "full":
@@ -118,13 +121,8 @@ class BlockDriver:
         self.dense_stream = dense_stream
 
     # ------------------------------------------------------------------ timing helpers
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _now(self) -> float:
-        self._sync()
-        return time.perf_counter()
+        return self.runner.now()
 
     # ------------------------------------------------------------------ capture
     def _move_outside_blocks(self, device: torch.device) -> list[tuple]:
@@ -215,15 +213,10 @@ class BlockDriver:
 
     # ------------------------------------------------------------------ one block
     def _arguments(self, block: nn.Module, x: torch.Tensor, arguments: dict[tuple, tuple]) -> tuple:
-        """The (positional, keyword) arguments the model passes ``block`` with input ``x``: those of
-        the block's attention kind, else block 0's."""
-        key = tuple(x.shape)
-        return arguments.get((self.kinds.get(id(block)), key)) or arguments[key]
+        return self.runner.arguments(block, x, arguments)
 
     def _call(self, block: nn.Module, x: torch.Tensor, arguments: dict[tuple, tuple]) -> torch.Tensor:
-        args, kwargs = self._arguments(block, x, arguments)
-        out = block(x, *args, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return self.runner.call(block, x, arguments)
 
     def _statistics(  # noqa: PLR0913
         self,
@@ -551,8 +544,9 @@ class BlockDriver:
                         for x in val.dense:  # the dense model's hidden state after this block
                             x.copy_(self._call(block, x.to(self.device), arguments))
                         result.forward_s += self._now() - t0
-                    targets = local if local is not None else self._fit_targets(block, buffer, arguments, result, block_fit, dense, fit_dense)
-                    weight = self._channel_weights(targets, val)
+                    view = BlockView(index, block, linears, arguments, f"{self.path}.{index}.")
+                    targets = local if local is not None else dense_targets(self.runner, view, buffer, result, block_fit, dense, fit_dense)
+                    weight = balanced_weights(self.deviation, targets, val, self.device)
                     self._solve(index, linears, accs, layer_fn, result, memory, crosses, vaccs, oaccs)
                     for acc in {id(a): a for d in (accs, vaccs, oaccs) for a in d.values()}.values():
                         memory.sub(nbytes(vars(acc)))
@@ -561,12 +555,13 @@ class BlockDriver:
                     oaccs.clear()
                     fit = None
                     if block_fit is not None:
-                        def fit(v: ValidationStream | None, start: float | None = None, index=index, block=block, linears=linears,
-                                targets=targets, weight=weight) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
-                            return self._fit_block(index, block, linears, buffer, targets, arguments, block_fit, result, v, start,
-                                                   weight)
+                        def fit(v: ValidationStream | None, start: float | None = None, view=view, targets=targets,
+                                weight=weight) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
+                            record, outs = fit_kept_weights(self.runner, view, buffer, targets, block_fit, v, start, weight)
+                            self._record_fit(view.index, record, result)
+                            return record, outs
                     if val is not None:
-                        self._validate_block(index, block, linears, val, arguments, result, block_choice, fit, weight)
+                        guard_block(self.runner, view, val, result, block_choice, fit, weight)
                     elif fit is not None:
                         fit(None)
                     if targets is not None and targets is not dense and targets is not fit_dense:
@@ -597,118 +592,11 @@ class BlockDriver:
         finally:
             bar.close()
 
-    def _validate_block(  # noqa: PLR0913
-        self, index: int, block: nn.Module, linears: dict[str, nn.Module], val: ValidationStream, arguments: dict,
-        result: DriverResult, block_choice: BlockChoice | None,
-        fit: Callable[[ValidationStream, float], tuple[BlockFitRecord, list[torch.Tensor] | None]] | None = None,
-        weight: torch.Tensor | None = None,
-    ) -> None:
-        """Run the validation windows through the finished block; with ``block_choice``, through each
-        candidate weight set, keeping the one closest to the dense hidden state; then ``fit`` the
-        chosen weights (keeping its best iterate on the validation windows). Advances
-        ``val.pruned`` and records the deviations in ``result.blocks``."""
-        t0 = self._now()
-        candidates = block_choice(index) if block_choice is not None else []
-        if not candidates:
-            candidates = [("final", {})]
-        scored: list[tuple[float, str, dict[str, torch.Tensor], list[torch.Tensor]]] = []
-        for label, weights in candidates:
-            for name, W in weights.items():
-                set_weight(linears[name], W)
-            outs = [self._call(block, x.to(self.device), arguments) for x in val.pruned]
-            scored.append((hidden_deviation(outs, val.dense, weight), label, weights, outs))
-        best = min(scored, key=lambda s: s[0])  # ties keep the earlier candidate
-        for name, W in best[2].items():
-            set_weight(linears[name], W)
-        entry: dict[str, Any] = {"block": index, "deviation": {label: dev for dev, label, _, _ in scored}, "chosen": best[1]}
-        outs = best[3]
-        result.forward_s += self._now() - t0
-        if fit is not None:
-            record, fitted = fit(val, best[0])
-            entry["deviation"]["fit"] = record.val_after
-            if fitted is not None:  # the validation outputs of the kept iterate
-                outs = fitted
-        for x, out in zip(val.pruned, outs):
-            x.copy_(out)
-        result.blocks.append(entry)
-
-    def _channel_weights(self, targets: list[torch.Tensor | None] | None, val: ValidationStream | None) -> torch.Tensor | None:
-        """The block's channel weights for the "balanced" deviation, from the dense hidden states
-        after it: the block fit's targets where there are any (more windows), else the validation
-        windows'; None for "plain" or with neither."""
-        if self.deviation != "balanced":
-            return None
-        dense = [t for t in targets or [] if t is not None] or (val.dense if val is not None else [])
-        return channel_weights(dense).to(self.device) if dense else None
-
-    def _fit_targets(
-        self, block: nn.Module, buffer: list[torch.Tensor], arguments: dict, result: DriverResult,
-        options: BlockFitOptions | None, dense: list[torch.Tensor] | None, fit_dense: list[torch.Tensor] | None,
-    ) -> list[torch.Tensor] | None:
-        """The block fit's dense targets, computed while the block is still dense: the dense stream
-        (of the windows the fit visits; None for the others) advanced through it. The local target
-        is the statistics pass's own outputs and does not come here."""
-        if options is None:
-            return None
-        assert options.target == "dense", options.target
-        if dense is not None:
-            return dense  # the dense-target variant's stream, already advanced by _statistics
-        assert fit_dense is not None
-        t0 = self._now()
-        for x in fit_dense:
-            x.copy_(self._call(block, x.to(self.device), arguments))
-        targets: list[torch.Tensor | None] = [None] * len(buffer)
-        for i, x in zip(visited(len(buffer), options), fit_dense):
-            targets[i] = x
-        result.forward_s += self._now() - t0
-        return targets
-
-    def _fit_block(  # noqa: PLR0913
-        self, index: int, block: nn.Module, linears: dict[str, nn.Module], inputs: list[torch.Tensor],
-        targets: list[torch.Tensor], arguments: dict, options: BlockFitOptions, result: DriverResult,
-        val: ValidationStream | None = None, start: float | None = None, weight: torch.Tensor | None = None,
-    ) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:
-        """Fit the block's kept weights to ``targets`` (see :func:`sdsx.pruners.blockfit.fit_block`)
-        and write the kept iterate back; with ``val``, scored on its windows (``start``: the starting
-        weights' deviation there, when known). Returns the record and, when the kept iterate is not
-        the start, its outputs on the validation windows (None otherwise)."""
-        t0 = self._now()
-        prefix = f"{self.path}.{index}."
-        names = {name: name[len(prefix):] + ".weight" for name in linears}
-        weights = {names[n]: m.weight.detach() for n, m in linears.items()}
-
-        def forward(ws: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            x = x.to(self.device)
-            args, kwargs = self._arguments(block, x, arguments)
-            out = torch.func.functional_call(block, ws, (x, *args), kwargs)
-            return out[0] if isinstance(out, (tuple, list)) else out
-
-        validate = None
-        kept: dict[str, Any] = {"dev": start, "outs": None}  # the best validation outputs so far
-        if val is not None:
-            def validate(ws: dict[str, torch.Tensor]) -> float:
-                outs = [forward(ws, x) for x in val.pruned]
-                dev = hidden_deviation(outs, val.dense, weight)
-                if kept["dev"] is None or dev < kept["dev"]:  # the same rule as fit_block's choice
-                    kept["dev"], kept["outs"] = dev, outs
-                return dev
-
-        frozen = [(p, p.requires_grad) for p in block.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)  # gradients only for the fitted copies, never the block's own
-        try:
-            best, record = fit_block(forward, weights, inputs, targets, options, validate, block=index, start=start, weight=weight)
-        finally:
-            for p, flag in frozen:
-                p.requires_grad_(flag)
-        for name, module in linears.items():
-            module.weight.copy_(best[names[name]])
-        record.seconds = self._now() - t0
+    def _record_fit(self, index: int, record: BlockFitRecord, result: DriverResult) -> None:
         result.solver_s += record.seconds
         result.fits.append(record.to_dict())
         log.info("%s: block %d fit: %d steps, kept step %d, loss %.4g -> %.4g, validation %s -> %s", self.desc, index,
                  record.steps, record.best_step, record.loss_first, record.loss_last, record.val_before, record.val_after)
-        return record, (kept["outs"] if record.best_step > 0 else None)
 
     def _oom_message(self, index: int, buffer: list[torch.Tensor], block_bytes: int, linears: dict[str, nn.Module], exc: BaseException) -> str:
         mib = 2**20
