@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, split_validation, validate
-from sdsx.defaults import auto_validation  # noqa: F401 (re-exported: sdsx.sds.auto_validation)
+from sdsx.defaults import auto_validation  # re-exported: sdsx.sds.auto_validation
 from sdsx.model.blocks import find_blocks, get_weight, model_linears, use_blocks
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error, registry
 from sdsx.pruners.sds import (

@@ -27,7 +27,7 @@ def balanced_weights(deviation: str, targets: list[torch.Tensor | None] | None, 
     return channel_weights(dense).to(device) if dense else None
 
 
-def dense_targets(  # noqa: PLR0913
+def dense_targets(
     runner: BlockRunner, view: BlockView, buffer: list[torch.Tensor], result: DriverResult,
     options: BlockFitOptions | None, dense: list[torch.Tensor] | None, fit_dense: list[torch.Tensor] | None,
 ) -> list[torch.Tensor] | None:
@@ -50,7 +50,7 @@ def dense_targets(  # noqa: PLR0913
     return targets
 
 
-def fit_kept_weights(  # noqa: PLR0913
+def fit_kept_weights(
     runner: BlockRunner, view: BlockView, inputs: list[torch.Tensor], targets: list[torch.Tensor], options: BlockFitOptions,
     val: ValidationStream | None = None, start: float | None = None, weight: torch.Tensor | None = None,
 ) -> tuple[BlockFitRecord, list[torch.Tensor] | None]:

@@ -21,7 +21,7 @@ __all__ = ["FitFn", "guard_block"]
 FitFn = Callable[[ValidationStream, float], "tuple[BlockFitRecord, list[torch.Tensor] | None]"]
 
 
-def guard_block(  # noqa: PLR0913
+def guard_block(
     runner: BlockRunner, view: BlockView, val: ValidationStream, result: DriverResult, block_choice: BlockChoice | None,
     fit: FitFn | None = None, weight: torch.Tensor | None = None,
 ) -> None:

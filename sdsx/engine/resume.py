@@ -56,7 +56,7 @@ class BlockResume:
             log.info("%s: %d of %d blocks restored from the checkpoint", self.desc, done, len(self.blocks))
         return done
 
-    def resume_inputs(  # noqa: PLR0913
+    def resume_inputs(
         self, checkpoint: Checkpoint, pass_name: str, first: int, buffer: list[torch.Tensor], recompute: Callable[[int], None],
         val: ValidationStream | None = None,
         fit_dense: list[torch.Tensor] | None = None,

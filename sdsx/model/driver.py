@@ -21,7 +21,7 @@ from sdsx.engine.accounting import Memory, module_bytes, nbytes
 from sdsx.engine.capture import Captured, as_batches, clean_arguments, pass_through
 from sdsx.engine.fit import balanced_weights, dense_targets, fit_kept_weights
 from sdsx.engine.guard import guard_block
-from sdsx.engine.records import BlockState, DriverResult, LayerRecord  # noqa: F401  (re-exported)
+from sdsx.engine.records import BlockState, DriverResult, LayerRecord  # re-exported (sdsx.model.driver.DriverResult ...)
 from sdsx.engine.resume import BlockResume
 from sdsx.engine.runner import BlockRunner, BlockView
 from sdsx.engine.streams import BlockChoice, ValidationStream, hidden_deviation
