@@ -23,6 +23,7 @@ from sdsx.model.driver import BlockDriver, BlockState, DriverResult, LayerFn, as
 from sdsx.numerics import exact_fp32
 from sdsx.pruners import PruneResult, SparsitySpec, registry
 from sdsx.pruners.blockfit import BlockFitOptions, as_block_fit
+from sdsx.pruners.sds import SHARED_PRUNER_FIELDS
 
 log = logging.getLogger("sdsx")
 
@@ -296,7 +297,7 @@ def layer_function(
     asks for every layer's error tr(D H D^T), and so for the full H."""
     entry = registry.get(method)
     if options is None:
-        options = registry.options_from(entry, blocksize=blocksize, percdamp=percdamp)
+        options = registry.make_options(entry, None, blocksize=blocksize, percdamp=percdamp)
     elif not isinstance(options, entry.options):
         raise TypeError(f"options of {entry.name} must be a {entry.options.__name__}, got {type(options).__name__}")
     shared = entry.shared(options) if entry.shared is not None else None
@@ -476,7 +477,7 @@ def prune(  # noqa: PLR0913
         run_options["validation"] = int(held.shape[0])
     if fit is not None:
         run_options["block_fit"] = asdict(fit)
-    extra = {k: v for k, v in asdict(pruner_options).items() if k not in ("blocksize", "percdamp")}
+    extra = {k: v for k, v in asdict(pruner_options).items() if k not in SHARED_PRUNER_FIELDS}
     if extra:  # the pruner's own options (RIA's alpha); SparseGPT's are recorded above as before
         run_options["pruner_options"] = extra
     fingerprint_options = {k: v for k, v in run_options.items() if k != "offload"}  # offload moves data, changes nothing

@@ -19,11 +19,9 @@ log = logging.getLogger("sdsx")
 
 __all__ = ["CLIError", "main", "build_parser", "load_model", "data_root"]
 
-DEFAULT_NSAMPLES = 32  # sdsx.defaults.CALIB_NSAMPLES, spelled out so that --help does not import torch (a test checks)
-DEFAULT_SEQLEN = 512  # sdsx.defaults.CALIB_SEQLEN
-#: sdsx.data.bos.BOS_MODES, spelled out so that --help does not import torch
-BOS_CHOICES = ("auto", "always", "never")
-from sdsx.job import BUILTIN_MODELS, CALIB_FILE, WIKITEXT_FILE, JobError, load_model  # noqa: E402, F401  (re-exported)
+from sdsx.config import BOS_MODES  # noqa: E402  (torch-free, as is all the CLI imports up front)
+from sdsx.defaults import CALIB_NSAMPLES, CALIB_SEQLEN  # noqa: E402
+from sdsx.job import JobError, load_model  # noqa: E402, F401  (load_model re-exported)
 
 CLIError = JobError  # a user-facing error: printed as one line, exit status 1
 
@@ -37,12 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
 # ------------------------------------------------------------------------------------ data paths
 from sdsx.data.paths import data_root  # noqa: E402  (re-exported: the CLI's defaults live under it)
-
-
-def _default_file(rel: Path) -> Path | None:
-    from sdsx.job import default_file
-
-    return default_file(rel)
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -111,7 +103,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="where to run: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="parameter dtype of the loaded model (default float32; statistics are fp32 anyway)")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    _diagnostics(g, "hide the progress bars")
+
+
+def _diagnostics(g: Any, progress_help: str) -> None:
+    """--no-progress, -v, -q and --debug: every command's."""
+    g.add_argument("--no-progress", action="store_true", help=progress_help)
     g.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     g.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     g.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -134,7 +131,7 @@ def _eval_options(p: argparse.ArgumentParser, ppl_help: str) -> None:
     g.add_argument("--harness", choices=("sdsx", "lm-eval"), default="sdsx",
                    help="zero-shot evaluator: sdsx's built-in one (default; lm-evaluation-harness's definitions) or "
                         "lm-evaluation-harness itself on the same task files (needs pip install 'sdsx[lmeval]')")
-    g.add_argument("--bos", choices=BOS_CHOICES, default="auto",
+    g.add_argument("--bos", choices=BOS_MODES, default="auto",
                    help="how calibration and perplexity windows and zero-shot contexts start: auto (default): with the "
                         "tokenizer's BOS token where the tokenizer starts texts with it (Gemma, LLaMA-2, OPT), a window "
                         "then holding BOS + L-1 text tokens; always: with BOS for any tokenizer; never: windows cut from "
@@ -150,10 +147,10 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
                         "(c4, wikitext2, ptb; needs network); several, comma-separated, are mixed evenly; 'self' samples "
                         "the sequences from the dense model itself (seeded, cached). Default: "
                         "$SDSX_DATA/calib/sotu_1990_2021.txt (State of the Union addresses) when it exists")
-    g.add_argument("--nsamples", type=_positive_int, default=DEFAULT_NSAMPLES, metavar="N",
-                   help=f"calibration sequences (default {DEFAULT_NSAMPLES}; the paper uses 128 x 2048 tokens of C4)")
-    g.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN, metavar="L",
-                   help=f"tokens per calibration sequence (default {DEFAULT_SEQLEN}; the paper uses 2048)")
+    g.add_argument("--nsamples", type=_positive_int, default=CALIB_NSAMPLES, metavar="N",
+                   help=f"calibration sequences (default {CALIB_NSAMPLES}; the paper uses 128 x 2048 tokens of C4)")
+    g.add_argument("--seqlen", type=_positive_int, default=CALIB_SEQLEN, metavar="L",
+                   help=f"tokens per calibration sequence (default {CALIB_SEQLEN}; the paper uses 2048)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     g.add_argument("--blocks", metavar="PATH", default=None,
                    help="where the decoder blocks are, for a model whose layout sdsx does not know: the dotted attribute "
@@ -239,20 +236,18 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     _registered_pruner_options(p)
 
 
-_SHARED_PRUNER_OPTIONS = ("blocksize", "percdamp")  # flags of their own above, also read by SDS
-
-
 def _registered_pruner_options(p: argparse.ArgumentParser) -> None:
     """--<pruner>-<option> for every registered pruner's own options (sdsx.pruners.registry), with
     the help and defaults its options dataclass gives."""
     from sdsx.pruners import registry
+    from sdsx.pruners.sds import SHARED_PRUNER_FIELDS  # --blocksize and --percdamp, flags of their own above
 
     g = p.add_argument_group("options of the registered pruners (with --method <pruner>, or --method sds --pruner <pruner>)")
     for name in registry.names():
         entry = registry.get(name)
         helps = registry.option_help(entry)
         for f in dataclasses.fields(entry.options):
-            if f.name in _SHARED_PRUNER_OPTIONS:
+            if f.name in SHARED_PRUNER_FIELDS:
                 continue
             default = getattr(entry.options(), f.name)
             kind = type(default) if isinstance(default, (int, float, str)) and not isinstance(default, bool) else str
@@ -349,11 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", metavar="FILE", help="a run configuration (.json, .yaml), or a run's output folder")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="save the model here instead of the configuration's output.out (the report goes to DIR/report)")
-    g = p.add_argument_group("diagnostics")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bars (the configuration's engine.progress still applies)")
-    g.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    g.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
-    g.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    _diagnostics(p.add_argument_group("diagnostics"),
+                 "hide the progress bars (the configuration's engine.progress still applies)")
     return parser
 
 
@@ -502,9 +494,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sdsx.job import Evaluator, check_inputs, resolve_device
 
     device = resolve_device(args.device)
-    check_inputs(_eval_config(args), None)
+    evaluation = _eval_config(args)
+    check_inputs(evaluation, None)
     model, tok, meta, label = load_model(args.model, args.dtype)
-    evaluate = Evaluator(_eval_config(args), tok, args.bos, not args.no_progress, ppl_default=not args.tasks)
+    evaluate = Evaluator(evaluation, tok, args.bos, not args.no_progress, ppl_default=not args.tasks)
     from sdsx.job import result_row, strip_samples
 
     if evaluate.empty:
@@ -541,13 +534,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     calibration = CalibrationConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    check_inputs(_eval_config(args), calibration)
+    evaluation = _eval_config(args)
+    check_inputs(evaluation, calibration)
     model, tok, meta, label = load_model(args.model, args.dtype)
     point_at_blocks(model, args.blocks)
     if meta is not None and meta.get("pattern"):
         raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); compare needs the dense model")
     progress = not args.no_progress
-    evaluate = Evaluator(_eval_config(args), tok, args.bos, progress, ppl_default=True)
+    evaluate = Evaluator(evaluation, tok, args.bos, progress, ppl_default=True)
     calib, calib_desc = calibrate(calibration, tok, model, args.bos, progress)
     blocks, path = find_blocks(model)
     linears = {}

@@ -201,7 +201,7 @@ class RunConfig:
         _validation_value(m.validation)
         if not isinstance(m.options, dict) or not isinstance(m.pruner_options, dict):
             raise TypeError("method.options and method.pruner_options must be dicts of option names to values")
-        from sdsx.pruners.sds import SDSOptions
+        from sdsx.pruners.sds import SHARED_PRUNER_FIELDS, SDSOptions
 
         known = {f.name for f in dataclasses.fields(SDSOptions)} - {"pruner", "pruner_options"}
         unknown = sorted(set(m.options) - known)
@@ -214,7 +214,7 @@ class RunConfig:
             SDSOptions(pruner=m.pruner, pruner_options=m.pruner_options or None, **opts).validate()
         else:
             registry.make_options(registry.get(m.name), m.pruner_options)
-            SDSOptions(**{k: v for k, v in opts.items() if k.startswith("block_") or k in ("blocksize", "percdamp")}).validate()
+            SDSOptions(**{k: v for k, v in opts.items() if k.startswith("block_") or k in SHARED_PRUNER_FIELDS}).validate()
         if not isinstance(m.early_exit_params, (int, float)) or math.isnan(m.early_exit_params):
             raise ValueError(f"method.early_exit_params must be a number, got {m.early_exit_params!r}")
 

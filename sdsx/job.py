@@ -379,7 +379,9 @@ def prune_model(model: Any, calib: Any, m: MethodConfig, sparsity: str, ctx: Pru
     from sdsx.api import prune
 
     kwargs: dict[str, Any] = {"checkpoint_dir": ctx.checkpoint_dir}
-    for key in ("blocksize", "percdamp"):
+    from sdsx.pruners.sds import SHARED_PRUNER_FIELDS, SDSOptions
+
+    for key in SHARED_PRUNER_FIELDS:
         if key in m.options:
             kwargs[key] = m.options[key]
     if m.report_error is not None:
@@ -387,12 +389,9 @@ def prune_model(model: Any, calib: Any, m: MethodConfig, sparsity: str, ctx: Pru
     if m.pruner_options:
         kwargs["options"] = dict(m.pruner_options)
     if m.block_fit:
-        from sdsx.defaults import auto_validation
-        from sdsx.pruners.sds import SDSOptions
-
         given = {k: v for k, v in m.options.items() if k in ("block_lr", "block_target", "block_epochs")}
         kwargs["block_fit"] = SDSOptions(**given).block_fit_options()
-        kwargs["validation"] = auto_validation(int(calib.shape[0])) if validation == "auto" else validation
+        kwargs["validation"] = validation  # "auto" resolves in sdsx.prune, as from Python
     return prune(model, calib, m.name, sparsity, device=ctx.device, progress=ctx.progress, **kwargs)
 
 

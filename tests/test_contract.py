@@ -44,7 +44,7 @@ def _stats(pruner: registry.Pruner, H: torch.Tensor, full: bool) -> torch.Tensor
 
 def _solve(name: str, W: torch.Tensor, H: torch.Tensor, pattern: str, full: bool = True, **options):
     p = registry.get(name)
-    opts = registry.options_from(p, **options)
+    opts = registry.make_options(p, options)
     shared = p.shared(opts) if p.shared is not None else None
     return p.solve(W, _stats(p, H, full), SparsitySpec.parse(pattern), opts, LayerContext(name, shared, full))
 

@@ -32,7 +32,7 @@ from sdsx.pruners.base import PruneResult
 from sdsx.pruners.spec import SparsitySpec
 
 __all__ = [
-    "BUILTIN", "STATS", "LayerContext", "Pruner", "get", "make_options", "names", "option_help", "options_from", "register", "sds_names",
+    "BUILTIN", "STATS", "LayerContext", "Pruner", "get", "make_options", "names", "option_help", "register", "sds_names",
 ]
 
 # the modules of the built-in pruners, imported on first use (each registers itself)
@@ -140,20 +140,11 @@ def get(name: str) -> Pruner:
     return _REGISTRY[key]
 
 
-def options_from(pruner: Pruner, source: Any = None, **values: Any) -> Any:
-    """The pruner's options: its defaults, with the fields of the same name taken from ``source``
-    (an object such as :class:`~sdsx.pruners.sds.SDSOptions`) and then from ``values``; keys of
-    ``values`` that the options do not have are ignored."""
-    names_ = {f.name for f in fields(pruner.options)}
-    kwargs = {n: getattr(source, n) for n in names_ if source is not None and hasattr(source, n)}
-    kwargs.update({k: v for k, v in values.items() if k in names_})
-    return pruner.options(**kwargs)
-
-
 def make_options(pruner: Pruner, given: Any = None, **defaults: Any) -> Any:
     """The options a user asked for: ``given`` is None, an instance of the pruner's options
     dataclass, or a dict of its fields (an unknown field is refused, naming the known ones);
-    ``defaults`` fill the fields ``given`` leaves out (e.g. ``sdsx.prune``'s ``blocksize``)."""
+    ``defaults`` fill the fields ``given`` leaves out (e.g. ``sdsx.prune``'s ``blocksize``); those
+    the options do not have are ignored."""
     if isinstance(given, pruner.options):
         return given
     if given is not None and not isinstance(given, dict):
@@ -162,7 +153,9 @@ def make_options(pruner: Pruner, given: Any = None, **defaults: Any) -> Any:
     unknown = sorted(set(given or {}) - set(known))
     if unknown:
         raise ValueError(f"{pruner.name} has no option {unknown[0]!r}; its options: {', '.join(known) or 'none'}")
-    return options_from(pruner, None, **{**defaults, **(given or {})})
+    values = {k: v for k, v in defaults.items() if k in known}
+    values.update(given or {})
+    return pruner.options(**values)
 
 
 def option_help(pruner: Pruner) -> dict[str, str]:

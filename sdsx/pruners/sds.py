@@ -21,7 +21,7 @@ paper's l1 = l2 = 0.1 are our l1 = l2 = 0.1 (with rms(W_d) folded into l1).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -167,10 +167,8 @@ class SDSOptions:
         fields, over its defaults. No other field here is passed on by name (``alpha`` here is the
         dense target's share, RIA's ``alpha`` another thing)."""
         entry = registry.get(pruner or self.pruner)
-        names = {f.name for f in fields(entry.options)}
-        shared = {k: getattr(self, k) for k in SHARED_PRUNER_FIELDS if k in names}
         given = self.pruner_options if entry.name == self.pruner else None
-        return registry.make_options(entry, given, **shared)
+        return registry.make_options(entry, given, **{k: getattr(self, k) for k in SHARED_PRUNER_FIELDS})
 
     def block_fit_options(self) -> "BlockFitOptions | None":
         """The block fit's settings, or None when it is off."""
