@@ -27,20 +27,19 @@ from sdsx.defaults import auto_validation  # re-exported: sdsx.sds.auto_validati
 from sdsx.model.blocks import find_blocks, get_weight, model_linears, use_blocks
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error, registry
 from sdsx.pruners.sds import (
+    PHASES,
+    LayerProblem,
     SDSOptions,
     SharedH,
-    final_adjust,
-    prune_once,
-    redense,
-    regularizer_scale,
     sds_layer,
     sds_tail,
+    tail_phases,
 )
 
 log = logging.getLogger("sdsx")
 
 SCHEDULES = ("interleaved", "phased", "parallel")
-PHASES = ("dense", "sparse", "redense", "final")
+SNAPSHOTS = ("dense", "sparse", "redense", "final")  # the histogrammed weight sets
 
 
 @dataclass
@@ -306,7 +305,7 @@ def sds_prune(  # noqa: PLR0913
             if res.kept_phase1:
                 kept.append(name)
             if res.weights:
-                snaps.update({k: v for k, v in res.weights.items() if k in PHASES})
+                snaps.update({k: v for k, v in res.weights.items() if k in SNAPSHOTS})
             if held is not None and opts.block_guard:
                 candidates[name] = (res.result.weight, res.phase1)
             if held is not None and opts.model_guard:
@@ -428,8 +427,11 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
     state = _SDSState(histogram_layer, on_restore=remember_first)
     phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
 
+    def problem(name: str, W: torch.Tensor, H: torch.Tensor, need_loss: bool = False) -> LayerProblem:
+        return LayerProblem(dense[name].to(W.device).float(), H, spec, opts, shared(H), name, need_loss=need_loss)
+
     def sparse_fn(name, W, H):
-        res = prune_once(opts.pruner, W, H, spec, opts, name, shared(H).factor)
+        res = PHASES["sparse"].run(problem(name, W, H, need_loss=True), W, None)
         first[name] = PruneResult(res.weight.to("cpu", copy=True), res.mask.cpu(), res.loss)
         phase_errors[name] = {"sparse": res.loss}
         if name == histogram_layer:
@@ -438,14 +440,16 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
 
     r1 = run_driver(model, plan, sparse_fn, "full", desc=f"sds 1/3 sparse {spec}", pass_name="sds-sparse", state=state, **common)
     state.on_restore = None  # later passes restore their own weights, not phase 1's
-    if opts.redense:
+    tail = tail_phases(opts)
+    dense_phases, final_phases = [p for p in tail if not p.sparse], [p for p in tail if p.sparse]
+    if dense_phases:
 
         def dense_fn(name, W, H):
-            Wd = dense[name].to(W.device).float()
-            l1_abs, l2_abs = regularizer_scale(Wd, H, opts.l1, opts.l2)
-            sh = shared(H)
-            new = redense(W, Wd, sh.Hd, l1_abs, l2_abs, opts.dense_iters, sh.lam)
-            phase_errors[name]["dense"] = reconstruction_error(Wd, new, H)
+            p = problem(name, W, H)
+            new = W
+            for phase in dense_phases:
+                new = phase.run(p, new, None).weight
+                phase_errors[name][phase.name] = reconstruction_error(p.W_d, new, H)
             if name == histogram_layer:
                 snaps["redense"] = new.cpu().clone()
             return PruneResult(new.to(W.dtype), torch.ones_like(new, dtype=torch.bool), phase_errors[name]["dense"])
@@ -453,14 +457,13 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
         r2 = run_driver(model, plan, dense_fn, "full", desc=f"sds 2/3 dense {spec}", pass_name="sds-dense", state=state, **common)
 
     def final_fn(name, W, H):
-        Wd = dense[name].to(W.device).float()
-        sh = shared(H)
-        s2 = prune_once(opts.pruner, W, H, spec, opts, name, sh.factor) if opts.redense else PruneResult(W, W != 0, 0.0)
-        new, mask = s2.weight.float(), s2.mask
-        phase_errors[name]["sparse2"] = reconstruction_error(Wd, new, H)
-        if opts.adjust:
-            new, mask = final_adjust(new, mask.to(Wd.device), Wd, sh.Hd, spec, opts, sh.lam)
-            phase_errors[name]["adjust"] = reconstruction_error(Wd, new, H)
+        p = problem(name, W, H)
+        Wd = p.W_d
+        new, mask = W.float(), W != 0
+        for phase in final_phases:
+            out = phase.run(p, new, mask)
+            new, mask = out.weight.float(), out.mask
+            phase_errors[name][phase.name] = reconstruction_error(Wd, new, H)
         err = reconstruction_error(Wd, new, H)
         # phase 1's error was measured on other inputs; compare both on this pass's H
         err1 = reconstruction_error(Wd, first[name].weight.to(W.device), H)
@@ -474,9 +477,9 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
         return PruneResult(new.to(W.dtype), mask, err)
 
     r3 = run_driver(model, plan, final_fn, "full", desc=f"sds 3/3 sparse {spec}", pass_name="sds-final", state=state, **common)
-    passes = 3 if opts.redense else 2
+    passes = 3 if dense_phases else 2
     # one record per layer (the last pass's), timings summed over the passes
-    for earlier in (r1, r2) if opts.redense else (r1,):
+    for earlier in (r1, r2) if dense_phases else (r1,):
         r3.forward_s += earlier.forward_s
         r3.stats_s += earlier.stats_s
         r3.solver_s += earlier.solver_s
@@ -504,7 +507,7 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
 
     def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor) -> PruneResult:
         sh = shared(H)
-        s1 = prune_once(opts.pruner, W, H, spec, opts, name, sh.factor)
+        s1 = PHASES["sparse"].run(LayerProblem(W, H, spec, opts, sh, name, need_loss=True), W, None)
         if owners[name] == 0:
             t0 = time.time()
             res = sds_tail(W, s1, H, spec, opts, name, name == histogram_layer, sh)
@@ -545,7 +548,7 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
         if res.kept_phase1:
             state.kept.append(name)
         if res.weights:
-            state.snaps.update({k: v for k, v in res.weights.items() if k in PHASES})
+            state.snaps.update({k: v for k, v in res.weights.items() if k in SNAPSHOTS})
         rec = records.get(name)
         if rec is not None:
             rec.pruned = int(res.result.mask.numel() - res.result.mask.sum())

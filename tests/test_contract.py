@@ -18,9 +18,11 @@ import torch
 
 from sdsx.pruners import SparsitySpec, registry
 from sdsx.pruners.registry import LayerContext
+from sdsx.pruners.sds import PHASES
 
 PRUNERS = registry.names()
 SDS_PRUNERS = registry.sds_names()
+PHASE_NAMES = tuple(PHASES)
 PATTERNS = ["2:4", "4:8", "0.5", "0.7"]
 OUT, IN = 24, 64
 
@@ -219,6 +221,100 @@ def test_sds_layer_with_every_sds_pruner(name, pattern):
     _assert_pattern(a.result.mask, pattern, f"sds-{name}")
     assert bool((a.result.weight[~a.result.mask] == 0).all())
     assert a.result.loss <= a.errors["sparse"] * (1 + 1e-6)
+
+
+def _phase_inputs(phase_name: str, pruner: str, pattern: str, seed: int = 12):
+    """A phase's problem and the weights the phases before it leave (what it runs on in SDS)."""
+    from sdsx.pruners.sds import LayerProblem, SDSOptions, SharedH
+
+    W, H = _problem(seed, dead=2, duplicate=True)
+    opts = SDSOptions(pruner=pruner, block_fit=False)
+    problem = LayerProblem(W, H, SparsitySpec.parse(pattern), opts, SharedH(opts)(H), "layer", H_stop=H)
+    weight, mask = W, None
+    for name, phase in PHASES.items():
+        if name == phase_name:
+            return phase, problem, weight, mask
+        out = phase.run(problem, weight, mask)
+        weight, mask = out.weight, out.mask
+    raise AssertionError(f"no phase {phase_name!r}")
+
+
+def test_phase_registry_order_and_options():
+    from sdsx.pruners.sds import SDSOptions, tail_phases
+
+    assert list(PHASES)[:4] == ["sparse", "dense", "sparse2", "adjust"]
+    assert [p.name for p in tail_phases(SDSOptions())] == ["dense", "sparse2", "adjust"]
+    assert [p.name for p in tail_phases(SDSOptions(redense=False))] == ["adjust"]
+    assert [p.name for p in tail_phases(SDSOptions(adjust=False))] == ["dense", "sparse2"]
+
+
+def test_a_second_phase_of_a_name_is_refused():
+    from sdsx.pruners.sds import Phase, register_phase
+
+    clash = Phase("adjust", PHASES["adjust"].run, lambda o: True, True, "a second adjustment")
+    with pytest.raises(ValueError, match="already registered"):
+        register_phase(clash)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "0.5"])
+@pytest.mark.parametrize("pruner", SDS_PRUNERS)
+@pytest.mark.parametrize("phase_name", PHASE_NAMES)
+def test_phase_contract(phase_name, pruner, pattern):
+    """Every registered SDS phase with every SDS pruner: a bool mask of the weight's shape, the
+    pattern and exact zeros where the phase is sparse, finite fp32 weights, its inputs untouched,
+    deterministic."""
+    phase, problem, weight, mask = _phase_inputs(phase_name, pruner, pattern)
+    before = [t.clone() for t in (weight, problem.W_d, problem.H) + ((mask,) if mask is not None else ())]
+    a = phase.run(problem, weight, mask)
+    b = phase.run(problem, weight, mask)
+    after = [weight, problem.W_d, problem.H] + ([mask] if mask is not None else [])
+    assert all(torch.equal(x, y) for x, y in zip(before, after)), f"{phase_name} modified its inputs"
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask), f"{phase_name} is not deterministic"
+    assert a.weight.shape == weight.shape and a.mask.dtype == torch.bool and a.mask.shape == weight.shape
+    assert a.weight.dtype == torch.float32 and bool(torch.isfinite(a.weight).all())
+    if phase.sparse:
+        _assert_pattern(a.mask, pattern, f"{phase_name} ({pruner})")
+        assert bool((a.weight[~a.mask] == 0).all()), f"{phase_name}: a pruned weight is not zero"
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "0.5"])
+def test_fitting_phases_do_not_raise_their_objective(pattern):
+    """Re-dense lowers its regularised fit from the pruned start; the adjustment, early-stopped on
+    H_stop, never returns weights worse on it than its start."""
+    from sdsx.pruners import reconstruction_error
+    from sdsx.pruners.sds import objective, regularizer_scale
+
+    phase, p, W, mask = _phase_inputs("dense", "sparsegpt", pattern)
+    l1_abs, l2_abs = regularizer_scale(p.W_d, p.H, p.opts.l1, p.opts.l2)
+    new = phase.run(p, W, mask).weight
+    assert objective(new, p.W_d, p.shared.Hd, l1_abs, l2_abs) < objective(W, p.W_d, p.shared.Hd, l1_abs, l2_abs)
+    phase, p, W, mask = _phase_inputs("adjust", "sparsegpt", pattern)
+    out = phase.run(p, W, mask)
+    assert reconstruction_error(p.W_d, out.weight, p.H_stop) <= reconstruction_error(p.W_d, W, p.H_stop) * (1 + 1e-6)
+
+
+def test_a_registered_phase_runs_in_sds():
+    """A new phase is its function and one registration: sds_tail runs it after the others."""
+    from sdsx.pruners import PruneResult
+    from sdsx.pruners.sds import Phase, SDSOptions, register_phase, sds_layer
+
+    calls = []
+
+    def halve_largest(problem, W, mask):  # a toy phase: zero the largest kept weight of each row
+        calls.append(problem.name)
+        out = W.float().clone()
+        out[torch.arange(out.shape[0]), out.abs().argmax(1)] = 0
+        return PruneResult(out, mask & (out != 0), float("nan"))
+
+    W, H = _problem(13)
+    register_phase(Phase("toy", halve_largest, lambda o: True, True, "a test phase"))
+    try:
+        res = sds_layer(W, H, "2:4", SDSOptions(block_fit=False, keep_better=False), name="q")
+    finally:
+        del PHASES["toy"]
+    assert calls == ["q"] and "toy" in res.errors
+    assert list(res.errors)[:5] == ["sparse", "dense", "sparse2", "adjust", "toy"]
+    assert int((~res.result.mask).sum(1).min()) > W.shape[1] // 2  # one more zero per row than 2:4
 
 
 @pytest.mark.parametrize("name", SDS_PRUNERS)

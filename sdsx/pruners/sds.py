@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -428,6 +428,93 @@ def prune_once(
     return entry.solve(W, H, spec, opts.pruner_settings(pruner), registry.LayerContext(name, factor, need_loss))
 
 
+# ------------------------------------------------------------------------------------ phases
+@dataclass(frozen=True)
+class LayerProblem:
+    """What an SDS phase reads for one linear: its dense weights and the statistics it fits on.
+
+    W_d: the dense weights (fp32). H: the Gram X X^T / T the phase fits on (fp32, on W_d's device).
+    shared: the :class:`SharedH` of ``H`` (damped H, its largest eigenvalue, SparseGPT's factor).
+    shift: the dense-target gradient offset (:func:`dense_target_shift`), or None.
+    H_stop: the Gram of held-out windows the adjustment's early stop scores iterates on, or None.
+    history: receives the validation errors the early stop measured (an output channel), or None.
+    need_loss: whether a pruning phase reports its error tr(D H D^T) (else NaN).
+    """
+
+    W_d: torch.Tensor
+    H: torch.Tensor
+    spec: SparsitySpec
+    opts: SDSOptions
+    shared: SharedH
+    name: str = "layer"
+    shift: torch.Tensor | None = None
+    H_stop: torch.Tensor | None = None
+    history: list[float] | None = None
+    need_loss: bool = False
+
+
+PhaseFn = Callable[[LayerProblem, torch.Tensor, torch.Tensor], PruneResult]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A registered SDS phase: ``run(problem, weight, mask) -> PruneResult`` from the weights the
+    previous phase left (and their mask), without modifying them.
+
+    name: its error's key in :attr:`SDSLayerResult.errors` and in the reports.
+    enabled: whether the options run it (a phase that does not run passes its input on).
+    sparse: whether its output holds the sparsity pattern (the re-dense phase's does not).
+    summary: one line for the docs.
+    """
+
+    name: str
+    run: PhaseFn
+    enabled: Callable[[SDSOptions], bool]
+    sparse: bool
+    summary: str
+
+
+PHASES: dict[str, Phase] = {}
+
+
+def register_phase(phase: Phase) -> Phase:
+    """Add ``phase`` to :data:`PHASES` (run in registration order; a name is registered once)."""
+    if phase.name in PHASES and PHASES[phase.name] is not phase:
+        raise ValueError(f"an SDS phase named {phase.name!r} is already registered")
+    PHASES[phase.name] = phase
+    return phase
+
+
+def _prune_phase(p: LayerProblem, W: torch.Tensor, mask: torch.Tensor | None) -> PruneResult:
+    """Phases 1 and 3's pruning: the registered pruner on ``W`` with SDS's settings for it."""
+    return prune_once(p.opts.pruner, W, p.H, p.spec, p.opts, p.name, p.shared.factor, need_loss=p.need_loss)
+
+
+def _redense_phase(p: LayerProblem, W: torch.Tensor, mask: torch.Tensor | None) -> PruneResult:
+    """Phase 2: FISTA from the pruned weights on the damped fit with the relative regularizers."""
+    l1_abs, l2_abs = regularizer_scale(p.W_d, p.H, p.opts.l1, p.opts.l2)
+    new = redense(W, p.W_d, p.shared.Hd, l1_abs, l2_abs, p.opts.dense_iters, p.shared.lam, p.shift)
+    return PruneResult(new, torch.ones_like(new, dtype=torch.bool), float("nan"))
+
+
+def _adjust_phase(p: LayerProblem, W: torch.Tensor, mask: torch.Tensor) -> PruneResult:
+    """Phase 3's weight adjustment (:func:`final_adjust`), early-stopped on ``H_stop`` if given."""
+    new, new_mask = final_adjust(W.float(), mask.to(p.W_d.device), p.W_d, p.shared.Hd, p.spec, p.opts, p.shared.lam,
+                                 p.shift, p.H_stop, p.history)
+    return PruneResult(new, new_mask, float("nan"))
+
+
+register_phase(Phase("sparse", _prune_phase, lambda o: True, True, "phase 1: the one-shot pruner on the dense weights"))
+register_phase(Phase("dense", _redense_phase, lambda o: o.redense, False, "phase 2: re-dense (FISTA towards the dense outputs)"))
+register_phase(Phase("sparse2", _prune_phase, lambda o: o.redense, True, "phase 3: the pruner again on the re-dense weights"))
+register_phase(Phase("adjust", _adjust_phase, lambda o: o.adjust, True, "phase 3: adjust the kept weights"))
+
+
+def tail_phases(opts: SDSOptions) -> list[Phase]:
+    """The phases after phase 1 that ``opts`` run, in order."""
+    return [p for name, p in PHASES.items() if name != "sparse" and p.enabled(opts)]
+
+
 @dataclass
 class SDSLayerResult:
     """The final result plus what each phase did to the layer (errors are tr(D H D^T))."""
@@ -467,7 +554,8 @@ def sds_layer(  # noqa: PLR0913
     H = H.to(Wd.device).float()
     sh = (shared or SharedH(opts))(H)
     # with held-out windows or a dense target, sds_tail measures phase 1's error itself
-    s1 = prune_once(opts.pruner, Wd, H, spec, opts, name, sh.factor, need_loss=split is None and C is None)
+    first = LayerProblem(Wd, H, spec, opts, sh, name, need_loss=split is None and C is None)
+    s1 = PHASES["sparse"].run(first, Wd, None)
     if split is not None:
         H_fit, H_val = (h.to(Wd.device).float() for h in split)
         return sds_tail(W_d, s1, H_fit, spec, opts, name, keep_weights, (shared_fit or SharedH(opts))(H_fit), C, H_val)
@@ -487,11 +575,11 @@ def sds_tail(  # noqa: PLR0913
     C: torch.Tensor | None = None,
     H_val: torch.Tensor | None = None,
 ) -> SDSLayerResult:
-    """Phases 2 and 3 of one layer, given phase 1's result ``s1``: re-dense, prune again, adjust,
-    and keep phase 1's weights where they were better (``opts.keep_better``): on ``H_val`` (the
-    Gram of held-out windows) when given, else on the H the phases fitted. ``errors`` holds each
-    phase's calibration error and, with ``H_val``, "val_sparse" / "val_final" (phase 1's and the
-    final weights' validation errors).
+    """The phases after phase 1 (:func:`tail_phases`) of one layer, given phase 1's result ``s1``:
+    re-dense, prune again, adjust, and keep phase 1's weights where they were better
+    (``opts.keep_better``): on ``H_val`` (the Gram of held-out windows) when given, else on the H
+    the phases fitted. ``errors`` holds each phase's calibration error and, with ``H_val``,
+    "val_sparse" / "val_final" (phase 1's and the final weights' validation errors).
 
     A pure function of its arguments, so layers can be spread over processes
     (:mod:`sdsx.parallel`) and give the same weights wherever they run.
@@ -501,7 +589,6 @@ def sds_tail(  # noqa: PLR0913
     Wd = W_d.float()
     H = H.to(Wd.device).float()
     sh = (shared or SharedH(opts))(H)
-    Hd = sh.Hd
     s1w = s1.weight.to(Wd.device).float()
     Hv = H_val.to(Wd.device).float() if H_val is not None else None
     shift = dense_target_shift(Wd, H, C.to(Wd.device).float()) if C is not None else None
@@ -513,25 +600,16 @@ def sds_tail(  # noqa: PLR0913
     if keep_weights:
         snaps["dense"] = Wd.cpu().clone()
         snaps["sparse"] = s1w.cpu().clone()
-    current = s1w
-    if opts.redense:
-        l1_abs, l2_abs = regularizer_scale(Wd, H, opts.l1, opts.l2)
-        current = redense(s1w, Wd, Hd, l1_abs, l2_abs, opts.dense_iters, sh.lam, shift)
-        errors["dense"] = target_error(Wd, current, H, shift)
-        if keep_weights:
-            snaps["redense"] = current.cpu().clone()
-        s2 = prune_once(opts.pruner, current, H, spec, opts, name, sh.factor, need_loss=False)  # measured below
-    else:
-        s2 = PruneResult(s1w, s1.mask.to(Wd.device), s1_loss)
-    # phase 3's pruner compensates towards the re-dense weights; report the error to the dense ones
-    final_w, final_mask = s2.weight, s2.mask
-    errors["sparse2"] = target_error(Wd, final_w, H, shift)
     scored: list[float] = []  # validation errors the early stop measured
-    if opts.adjust:
-        H_stop = Hv if opts.early_stop else None
-        final_w, final_mask = final_adjust(final_w, final_mask.to(Wd.device), Wd, Hd, spec, opts, sh.lam, shift, H_stop, scored)
-        errors["adjust"] = target_error(Wd, final_w, H, shift)
-    final_err = errors["adjust"] if opts.adjust else errors["sparse2"]  # the error of final_w, already measured
+    problem = LayerProblem(Wd, H, spec, opts, sh, name, shift, Hv if opts.early_stop else None, scored)
+    final_w, final_mask, final_err = s1w, s1.mask.to(Wd.device), s1_loss
+    for phase in tail_phases(opts):
+        out = phase.run(problem, final_w, final_mask)
+        # phase 3's pruner compensates towards the re-dense weights; report the error to the dense ones
+        final_w, final_mask = out.weight.float(), out.mask
+        final_err = errors[phase.name] = target_error(Wd, final_w, H, shift)
+        if keep_weights and not phase.sparse:
+            snaps["redense"] = final_w.cpu().clone()
     kept = False
     if Hv is not None:
         errors["val_sparse"] = reconstruction_error(Wd, s1w, Hv)
