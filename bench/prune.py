@@ -103,6 +103,7 @@ def forced_reference():
 
 def prune_reference(model, calib, method: str, pattern: str, blocksize: int, percdamp: float, progress: bool, device: str = "cpu"):
     from sdsx.api import Plan, report_from, run_driver, validate
+    from sdsx.model.driver import DriverOptions
     from sdsx.pruners import SparsitySpec
 
     start = time.perf_counter()
@@ -112,11 +113,9 @@ def prune_reference(model, calib, method: str, pattern: str, blocksize: int, per
     if stats == "none":
         plan = Plan(spec, None)
     with forced_reference():
-        result = run_driver(
-            model, plan, layer_fn, stats, device=device, offload=True, progress=progress,
-            desc=f"reference {method} {spec}",
-            driver_options=dict(accumulator=PublishedAccumulator, share_inputs=False),
-        )
+        engine = DriverOptions(device=device, offload=True, stats=stats, progress=progress, desc=f"reference {method} {spec}",
+                               accumulator=PublishedAccumulator, share_inputs=False)
+        result = run_driver(model, plan, layer_fn, engine)
     report = report_from(result, method, spec, dict(pipeline="reference"))
     report.total_s = time.perf_counter() - start
     return report

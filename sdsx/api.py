@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 from sdsx.checkpoint import Checkpoint, fingerprint_calibration, fingerprint_model
 from sdsx.defaults import auto_validation
 from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, use_blocks, vocab_size
-from sdsx.model.driver import BlockDriver, BlockState, DriverResult, LayerFn, as_batches
+from sdsx.model.driver import BlockDriver, DriverOptions, DriverResult, LayerFn, PassOptions, as_batches
 from sdsx.numerics import exact_fp32
 from sdsx.pruners import PruneResult, SparsitySpec, registry
 from sdsx.pruners.blockfit import BlockFitOptions, as_block_fit
@@ -318,35 +318,10 @@ def _check_options(method: str, blocksize: Any, percdamp: Any, methods: Sequence
 
 
 @exact_fp32()
-def run_driver(  # noqa: PLR0913
-    model: nn.Module,
-    plan: Plan,
-    layer_fn: LayerFn,
-    stats: str,
-    *,
-    device: torch.device | str | None,
-    offload: bool,
-    progress: bool,
-    desc: str,
-    batch_size: int = 1,
-    driver_options: dict[str, Any] | None = None,
-    checkpoint: Checkpoint | None = None,
-    pass_name: str = "prune",
-    state: BlockState | None = None,
-    after_block: Callable[[int], None] | None = None,
-    validation: torch.Tensor | None = None,
-    block_choice: Callable | None = None,
-    block_fit: BlockFitOptions | None = None,
-    validation_other: torch.Tensor | None = None,
-) -> DriverResult:
-    """Run the block-sequential driver for a validated plan (shared by every pruning entry point)."""
-    driver = BlockDriver(
-        model, device=device, offload=offload, stats=stats, batch_size=batch_size, progress=progress, desc=desc,
-        **(driver_options or {}),
-    )
-    return driver.run(plan.batches if stats != "none" else None, layer_fn, checkpoint=checkpoint, pass_name=pass_name, state=state,
-                      after_block=after_block, validation=validation, block_choice=block_choice,
-                      block_fit=block_fit, validation_other=validation_other)
+def run_driver(model: nn.Module, plan: Plan, layer_fn: LayerFn, driver: DriverOptions, run: PassOptions | None = None) -> DriverResult:
+    """Run the block-sequential driver (``driver``: how; ``driver.stats``: which statistics) over a
+    validated plan for one pass (``run``); shared by every pruning entry point."""
+    return BlockDriver(model, driver).run(plan.batches if driver.stats != "none" else None, layer_fn, run)
 
 
 def open_checkpoint(
@@ -482,11 +457,8 @@ def prune(  # noqa: PLR0913
         run_options["pruner_options"] = extra
     fingerprint_options = {k: v for k, v in run_options.items() if k != "offload"}  # offload moves data, changes nothing
     checkpoint = open_checkpoint(checkpoint_dir, model, plan, dict(fingerprint_options, method=method), save_activations)
-    result = run_driver(
-        model, plan, layer_fn, stats, device=device, offload=offload, progress=progress,
-        desc=f"{method} {spec}", batch_size=batch_size, checkpoint=checkpoint, validation=held,
-        block_fit=fit,
-    )
+    engine = DriverOptions(device=device, offload=offload, stats=stats, batch_size=batch_size, progress=progress, desc=f"{method} {spec}")
+    result = run_driver(model, plan, layer_fn, engine, PassOptions(checkpoint=checkpoint, validation=held, block_fit=fit))
     report = report_from(result, method, spec, run_options)
     report.total_s = max(result.total_s, time.perf_counter() - start)  # a resumed run includes its earlier part
     if plan.batches is not None:

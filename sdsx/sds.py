@@ -25,6 +25,7 @@ from torch import nn
 from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, split_validation, validate
 from sdsx.defaults import auto_validation  # re-exported: sdsx.sds.auto_validation
 from sdsx.model.blocks import find_blocks, get_weight, model_linears, use_blocks
+from sdsx.model.driver import DriverOptions, PassOptions
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error, registry
 from sdsx.pruners.sds import (
     PHASES,
@@ -289,7 +290,7 @@ def sds_prune(  # noqa: PLR0913
         if held_other is not None:
             run_options["validation_sources"] = counts
     checkpoint = open_checkpoint(checkpoint_dir, model, plan, run_options, save_activations)
-    common = dict(device=device, offload=offload, progress=progress, batch_size=batch_size, checkpoint=checkpoint)
+    engine = DriverOptions(device=device, offload=offload, progress=progress, batch_size=batch_size)
 
     if schedule == "interleaved":
         shared, shared_fit = SharedH(opts), SharedH(opts)
@@ -318,17 +319,18 @@ def sds_prune(  # noqa: PLR0913
             candidates.clear()
             return [("sds", sds_w), ("phase1", p1_w)]
 
-        result = run_driver(model, plan, layer_fn, "full", desc=f"sds-{opts.pruner} {spec}", pass_name="sds", state=state,
-                            driver_options=dict(dense_stream=opts.target == "dense", deviation=opts.deviation), validation=held,
-                            validation_other=held_other,
-                            block_choice=block_choice if (held is not None and opts.block_guard) else None,
-                            block_fit=opts.block_fit_options(), **common)
+        driver = dataclasses.replace(engine, desc=f"sds-{opts.pruner} {spec}", dense_stream=opts.target == "dense",
+                                     deviation=opts.deviation)
+        run = PassOptions(checkpoint=checkpoint, pass_name="sds", state=state, validation=held, validation_other=held_other,
+                          block_choice=block_choice if (held is not None and opts.block_guard) else None,
+                          block_fit=opts.block_fit_options())
+        result = run_driver(model, plan, layer_fn, driver, run)
         passes = 1
     elif schedule == "phased":
-        result, passes, state = _phased(model, plan, spec, opts, histogram_layer, common)
+        result, passes, state = _phased(model, plan, spec, opts, histogram_layer, engine, checkpoint)
         phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
     else:
-        result, state, par = _parallel(model, plan, spec, opts, histogram_layer, common)
+        result, state, par = _parallel(model, plan, spec, opts, histogram_layer, engine, checkpoint)
         phase_errors, kept, snaps, passes = state.phase_errors, state.kept, state.snaps, 1
 
     guard = None
@@ -413,7 +415,7 @@ def _model_guard(model: nn.Module, phase1: dict[str, torch.Tensor], sources: dic
     return entry
 
 
-def _phased(model, plan, spec, opts, histogram_layer, common):
+def _phased(model, plan, spec, opts, histogram_layer, engine, checkpoint):
     """The paper's schedule: three calibration passes; the dense weights are kept on CPU meanwhile
     (taken up front, so that a resumed run has them for blocks it restores rather than prunes)."""
     dense = {name: get_weight(m).detach().to("cpu", copy=True) for name, m in model_linears(model).items()}
@@ -438,7 +440,11 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
             snaps.update(dense=dense[name].float(), sparse=res.weight.float().cpu())
         return res
 
-    r1 = run_driver(model, plan, sparse_fn, "full", desc=f"sds 1/3 sparse {spec}", pass_name="sds-sparse", state=state, **common)
+    def one_pass(layer_fn, desc: str, pass_name: str):
+        return run_driver(model, plan, layer_fn, dataclasses.replace(engine, desc=desc),
+                          PassOptions(checkpoint=checkpoint, pass_name=pass_name, state=state))
+
+    r1 = one_pass(sparse_fn, f"sds 1/3 sparse {spec}", "sds-sparse")
     state.on_restore = None  # later passes restore their own weights, not phase 1's
     tail = tail_phases(opts)
     dense_phases, final_phases = [p for p in tail if not p.sparse], [p for p in tail if p.sparse]
@@ -454,7 +460,7 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
                 snaps["redense"] = new.cpu().clone()
             return PruneResult(new.to(W.dtype), torch.ones_like(new, dtype=torch.bool), phase_errors[name]["dense"])
 
-        r2 = run_driver(model, plan, dense_fn, "full", desc=f"sds 2/3 dense {spec}", pass_name="sds-dense", state=state, **common)
+        r2 = one_pass(dense_fn, f"sds 2/3 dense {spec}", "sds-dense")
 
     def final_fn(name, W, H):
         p = problem(name, W, H)
@@ -476,7 +482,7 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
             snaps["final"] = new.float().cpu().clone()
         return PruneResult(new.to(W.dtype), mask, err)
 
-    r3 = run_driver(model, plan, final_fn, "full", desc=f"sds 3/3 sparse {spec}", pass_name="sds-final", state=state, **common)
+    r3 = one_pass(final_fn, f"sds 3/3 sparse {spec}", "sds-final")
     passes = 3 if dense_phases else 2
     # one record per layer (the last pass's), timings summed over the passes
     for earlier in (r1, r2) if dense_phases else (r1,):
@@ -486,13 +492,12 @@ def _phased(model, plan, spec, opts, histogram_layer, common):
     return r3, passes, state
 
 
-def _parallel(model, plan, spec, opts, histogram_layer, common):
+def _parallel(model, plan, spec, opts, histogram_layer, engine, checkpoint):
     """The "parallel" schedule on rank 0 (see :mod:`sdsx.parallel`): phase 1 through the driver,
     whose pass propagates phase 1's outputs; phases 2/3 per layer, here or on the other ranks."""
     from sdsx.model.blocks import set_weight
     from sdsx.parallel import Clock, Coordinator, LayerStore, ParallelStats, run_task
 
-    checkpoint = common["checkpoint"]
     linears = model_linears(model)
     shapes = {n: tuple(get_weight(m).shape) for n, m in linears.items()}
     _, path = find_blocks(model)
@@ -524,8 +529,8 @@ def _parallel(model, plan, spec, opts, histogram_layer, common):
     def after_block(index: int) -> None:
         coord.announce(index)
 
-    result = run_driver(model, plan, layer_fn, "full", desc=f"sds-parallel 1/2 sparse {spec}", pass_name="sds-parallel",
-                        after_block=after_block, **common)
+    result = run_driver(model, plan, layer_fn, dataclasses.replace(engine, desc=f"sds-parallel 1/2 sparse {spec}"),
+                        PassOptions(checkpoint=checkpoint, pass_name="sds-parallel", after_block=after_block))
     # layers of blocks restored from the checkpoint whose phases 2/3 rank 0 owns but never finished
     # (e.g. the earlier run had more ranks)
     if store is not None:

@@ -217,3 +217,17 @@ def test_smollm2_cache_dir_follows_env(monkeypatch, tmp_path):
     assert smollm2.default_cache_dir() == tmp_path / "smollm2-135m"
     monkeypatch.delenv("SDSX_CACHE")
     assert smollm2.default_cache_dir().parts[-3:] == (".cache", "sdsx", "smollm2-135m")
+
+
+def test_driver_options_as_a_dataclass_or_keywords(tiny_model):
+    from sdsx.model.driver import DriverOptions, PassOptions
+
+    assert BlockDriver(tiny_model, DriverOptions(progress=False, batch_size=2)).options == BlockDriver(
+        tiny_model, progress=False, batch_size=2
+    ).options
+    # keywords replace the given options' fields
+    assert BlockDriver(tiny_model, DriverOptions(batch_size=2), batch_size=3).options.batch_size == 3
+    with pytest.raises(TypeError, match="DriverOptions has no field 'ofload'; its fields: device, offload"):
+        BlockDriver(tiny_model, ofload=False)
+    with pytest.raises(TypeError, match="PassOptions has no field 'checkpoint_dir'"):
+        BlockDriver(tiny_model, progress=False).run(tiny_calib(), _record([]), PassOptions(), checkpoint_dir="x")

@@ -8,11 +8,10 @@ import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from torch import nn
 
 from sdsx.engine.records import TIMINGS, BlockState, DriverResult, LayerRecord
-from sdsx.engine.streams import ValidationStream
+from sdsx.engine.streams import Streams
 from sdsx.model.blocks import find_linears, get_weight
 
 if TYPE_CHECKING:
@@ -57,15 +56,14 @@ class BlockResume:
         return done
 
     def resume_inputs(
-        self, checkpoint: Checkpoint, pass_name: str, first: int, buffer: list[torch.Tensor], recompute: Callable[[int], None],
-        val: ValidationStream | None = None,
-        fit_dense: list[torch.Tensor] | None = None,
+        self, checkpoint: Checkpoint, pass_name: str, first: int, streams: Streams, recompute: Callable[[int], None],
     ) -> None:
-        """Make ``buffer`` the inputs of block ``first``: the stored activations when the checkpoint
+        """Make ``streams.buffer`` the inputs of block ``first``: the stored activations when the checkpoint
         has them, else block 0's inputs re-run through the restored blocks 0 .. first-1. The dense
         streams (always stored with a checkpoint: they cannot be recomputed once their blocks are
         pruned) come last in the stored list: the validation streams, then the block fit's.
-        ``recompute(index)`` runs the restored block ``index`` over ``buffer`` in place."""
+        ``recompute(index)`` runs the restored block ``index`` over the buffer in place."""
+        buffer, val, fit_dense = streams.buffer, streams.val, streams.fit_dense
         stored = checkpoint.load_activations(pass_name) or []
         if fit_dense is not None:
             tail = stored[-len(fit_dense):] if len(stored) >= len(fit_dense) else []
@@ -96,12 +94,16 @@ class BlockResume:
         for index in tqdm(range(first), desc=f"{self.desc} (recomputing inputs)", unit="block", disable=not self.progress, leave=False):
             recompute(index)
 
-    def save_block(  # noqa: PLR0913
-        self, checkpoint: Checkpoint, pass_name: str, index: int, block: nn.Module, names: list[str],
-        buffer: list[torch.Tensor], state: BlockState | None, result: DriverResult, total_s: float,
-        val: ValidationStream | None = None,
-        fit_dense: list[torch.Tensor] | None = None,
+    def save_block(
+        self, checkpoint: Checkpoint, pass_name: str, index: int, streams: Streams, state: BlockState | None,
+        result: DriverResult, total_s: float,
     ) -> None:
+        """Save finished block ``index`` for this pass: its weights and records, the side
+        ``state`` of its linears, the timings so far (``total_s``), and unless it is the last
+        block the streams' next inputs (the calibration buffer only when the checkpoint wants it)."""
+        block = self.blocks[index]
+        names = list(find_linears(block, prefix=f"{self.path}.{index}"))
+        buffer, val, fit_dense = streams.buffer, streams.val, streams.fit_dense
         tensors = {f"w.{k}": v for k, v in block.state_dict().items()}
         data: dict[str, Any] = {}
         if state is not None:

@@ -4,13 +4,14 @@ pruned so far and in the dense model, and how far a stream is from the dense mod
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from sdsx.pruners.blockfit import relative_error
 
-__all__ = ["BlockChoice", "ValidationStream", "hidden_deviation"]
+__all__ = ["BlockChoice", "Streams", "ValidationStream", "hidden_deviation"]
 
 
 def hidden_deviation(out: list[torch.Tensor], target: list[torch.Tensor], weight: torch.Tensor | None = None) -> float:
@@ -50,3 +51,30 @@ class ValidationStream:
         n = len(self.pruned)
         for x, saved in zip(self.pruned + self.dense, stored[-2 * n:]):
             x.copy_(saved)
+
+
+@dataclass
+class Streams:
+    """The activation streams of one pass over the blocks, one (b, L, hidden) tensor per batch each.
+
+    buffer: the calibration windows' hidden states in the model pruned so far (the next block's
+        inputs, overwritten block by block).
+    val: the validation windows' streams (pruned and dense), or None.
+    dense: the calibration windows in the dense model (the dense-target variant), or None.
+    fit_dense: the dense model's hidden states of the windows the block fit visits, or None.
+    """
+
+    buffer: list[torch.Tensor] = field(default_factory=list)
+    val: ValidationStream | None = None
+    dense: list[torch.Tensor] | None = None
+    fit_dense: list[torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        """Drop every stream's tensors (the pass is over)."""
+        self.buffer.clear()
+        if self.val is not None:
+            self.val.pruned.clear()
+            self.val.dense.clear()
+        for stream in (self.dense, self.fit_dense):
+            if stream is not None:
+                stream.clear()

@@ -10,7 +10,9 @@ does not grow with depth.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -24,7 +26,7 @@ from sdsx.engine.guard import guard_block
 from sdsx.engine.records import BlockState, DriverResult, LayerRecord  # re-exported (sdsx.model.driver.DriverResult ...)
 from sdsx.engine.resume import BlockResume
 from sdsx.engine.runner import BlockRunner, BlockView
-from sdsx.engine.streams import BlockChoice, ValidationStream, hidden_deviation
+from sdsx.engine.streams import BlockChoice, Streams, ValidationStream, hidden_deviation
 from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
 from sdsx.numerics import all_finite
 from sdsx.pruners.base import PruneResult
@@ -36,7 +38,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sdsx")
 
-__all__ = ["BlockChoice", "BlockDriver", "BlockState", "DriverResult", "LayerRecord", "LayerFn", "STAT_KINDS", "as_batches", "hidden_deviation"]
+__all__ = [
+    "BlockChoice", "BlockDriver", "BlockState", "DriverOptions", "DriverResult", "LayerRecord", "LayerFn", "PassOptions", "STAT_KINDS",
+    "as_batches", "hidden_deviation",
+]
 
 #: ``layer_fn(qualified_name, weight (out, in) on the compute device, H or None) -> PruneResult``;
 #: H is the (in, in) Gram matrix X X^T / T, or its diagonal (in,) with ``stats="diag"``, or None
@@ -48,8 +53,87 @@ LayerFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], "PruneResult | No
 STAT_KINDS = ("full", "diag", "none")
 
 
+@dataclass(frozen=True)
+class DriverOptions:
+    """How a :class:`BlockDriver` runs; each field is described there."""
+
+    device: torch.device | str | None = None
+    offload: bool = True
+    stats: str = "full"
+    batch_size: int = 1
+    progress: bool = True
+    desc: str = "sdsx"
+    accumulator: Callable[[int, torch.device, bool], Any] | None = None
+    share_inputs: bool = True
+    dense_stream: bool = False
+    deviation: str = "balanced"
+
+
+@dataclass(frozen=True, eq=False)
+class PassOptions:
+    """One pass of :meth:`BlockDriver.run` over the blocks; each field is described there."""
+
+    checkpoint: "Checkpoint | None" = None
+    pass_name: str = "prune"
+    state: BlockState | None = None
+    after_block: Callable[[int], None] | None = None
+    validation: torch.Tensor | Sequence[torch.Tensor] | None = None
+    block_choice: BlockChoice | None = None
+    block_fit: BlockFitOptions | None = None
+    validation_other: torch.Tensor | Sequence[torch.Tensor] | None = None
+
+
+def with_overrides(cls: type, given: Any, overrides: dict[str, Any]) -> Any:
+    """``given`` (an instance of the options dataclass ``cls``, or None for its defaults) with the
+    fields in ``overrides`` replaced; an unknown field is refused, naming the known ones."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {unknown[0]!r}; its fields: {', '.join(known)}")
+    if given is not None and not isinstance(given, cls):
+        raise TypeError(f"options must be a {cls.__name__}, got {type(given).__name__}")
+    return dataclasses.replace(given or cls(), **overrides)
+
+
+@dataclass
+class _Pass:
+    """One pass's live state, shared by the steps of the block loop."""
+
+    options: PassOptions
+    result: DriverResult
+    memory: Memory
+    start: float
+    streams: Streams = field(default_factory=Streams)
+    arguments: dict[tuple, tuple] = field(default_factory=dict)
+    first: int = 0
+    prior_total: float = 0.0
+
+
+@dataclass
+class _Accumulators:
+    """One block's statistics accumulators, keyed by linear name (the cross Grams by the
+    accumulator's id): calibration, held-out calibration and other-domain validation windows."""
+
+    calib: dict[str, Any] = field(default_factory=dict)
+    crosses: dict[int, Any] = field(default_factory=dict)
+    val: dict[str, Any] = field(default_factory=dict)
+    other: dict[str, Any] = field(default_factory=dict)
+
+    def all(self) -> list[Any]:
+        """Every distinct accumulator (linears that share an input share one)."""
+        return list({id(a): a for d in (self.calib, self.val, self.other) for a in d.values()}.values())
+
+    def clear(self) -> None:
+        self.calib.clear()
+        self.val.clear()
+        self.other.clear()
+
+
 class BlockDriver:
     """Runs a layer function over every linear of every decoder block, block by block.
+
+    ``BlockDriver(model, DriverOptions(...))``, or its fields by keyword
+    (``BlockDriver(model, progress=False)``; keywords replace the fields of ``options``):
 
     Args:
         model: a causal LM (see :func:`sdsx.model.blocks.find_blocks` for the families known).
@@ -75,21 +159,10 @@ class BlockDriver:
             channel by the inverse of its dense RMS.
     """
 
-    def __init__(  # noqa: PLR0913
-        self,
-        model: nn.Module,
-        *,
-        device: torch.device | str | None = None,
-        offload: bool = True,
-        stats: str = "full",
-        batch_size: int = 1,
-        progress: bool = True,
-        desc: str = "sdsx",
-        accumulator: Callable[[int, torch.device, bool], Any] | None = None,
-        share_inputs: bool = True,
-        dense_stream: bool = False,
-        deviation: str = "balanced",
-    ) -> None:
+    def __init__(self, model: nn.Module, options: DriverOptions | None = None, **overrides: Any) -> None:
+        o = self.options = with_overrides(DriverOptions, options, overrides)
+        device, offload, stats, batch_size, progress, desc = o.device, o.offload, o.stats, o.batch_size, o.progress, o.desc
+        accumulator, share_inputs, dense_stream, deviation = o.accumulator, o.share_inputs, o.dense_stream, o.deviation
         if stats not in STAT_KINDS:
             raise ValueError(f"stats must be one of {STAT_KINDS}, got {stats!r}")
         if deviation not in DEVIATIONS:
@@ -218,29 +291,28 @@ class BlockDriver:
     def _call(self, block: nn.Module, x: torch.Tensor, arguments: dict[tuple, tuple]) -> torch.Tensor:
         return self.runner.call(block, x, arguments)
 
-    def _statistics(  # noqa: PLR0913
+    def _statistics(
         self,
         block: nn.Module,
         linears: dict[str, nn.Module],
         buffer: list[torch.Tensor],
-        arguments: dict[tuple, tuple],
-        result: DriverResult,
-        memory: Memory,
-        dense: list[torch.Tensor] | None = None,
+        p: _Pass,
         crosses: dict[int, Any] | None = None,
         outputs: list[torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """One pass of the calibration batches through ``block`` with hooks on its linears.
 
         Linears that read the same input tensor share one accumulator, so the X X^T GEMM is done
-        once per distinct input (q/k/v, gate/up). With a ``dense`` stream, each batch first runs
-        through the (still dense) block on the dense activations, which records every linear's
-        dense input and advances the stream; ``crosses`` (keyed by the accumulator's id) gets the
-        cross Gram of each distinct input. ``outputs``, when given, receives the (dense) block's
+        once per distinct input (q/k/v, gate/up). With ``crosses`` (keyed by the accumulator's id),
+        each batch first runs through the (still dense) block on the pass's dense stream, which
+        records every linear's dense input and advances the stream, and ``crosses`` gets the cross
+        Gram of each distinct input. ``outputs``, when given, receives the (dense) block's
         output on every batch: the block fit's local targets, at no extra forward pass.
         """
         from sdsx.stats import CrossGram
 
+        arguments, result, memory = p.arguments, p.result, p.memory
+        dense = p.streams.dense if crosses is not None else None
         dense_inputs: dict[str, torch.Tensor] = {}
         acc_of: dict[str, Any] = {}
         seen: dict[tuple, tuple[torch.Tensor, Any]] = {}
@@ -357,21 +429,17 @@ class BlockDriver:
 
     # ------------------------------------------------------------------ the run
     @torch.no_grad()
-    def run(  # noqa: PLR0913
+    def run(
         self,
         calib: torch.Tensor | Sequence[torch.Tensor] | None,
         layer_fn: LayerFn,
-        *,
-        checkpoint: "Checkpoint | None" = None,
-        pass_name: str = "prune",
-        state: BlockState | None = None,
-        after_block: Callable[[int], None] | None = None,
-        validation: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        block_choice: BlockChoice | None = None,
-        block_fit: BlockFitOptions | None = None,
-        validation_other: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        options: PassOptions | None = None,
+        **overrides: Any,
     ) -> DriverResult:
         """Apply ``layer_fn`` to every linear of every block, in place.
+
+        ``options`` is a :class:`PassOptions`; its fields may also be given by keyword (they
+        replace those of ``options``).
 
         Args:
             calib: (nsamples, seqlen) token ids, or a list of such tensors; may be None when
@@ -398,84 +466,80 @@ class BlockDriver:
         Returns:
             A :class:`DriverResult` with per-layer records, split timings and peak memory.
         """
+        o = with_overrides(PassOptions, options, overrides)
         result = DriverResult(device=str(self.device))
-        memory = Memory()
-        start = self._now()
+        p = _Pass(o, result, Memory(), self._now())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.dense_stream and o.checkpoint is not None:
+            raise ValueError("the dense-target variant (a second activation stream) cannot be checkpointed yet; drop checkpoint_dir")
+        if o.validation is not None and self.stats != "full":
+            raise ValueError(f"validation windows need stats='full', not {self.stats!r}")
+        if o.block_choice is not None and o.validation is None:
+            raise ValueError("block_choice needs validation windows")
+        if o.block_fit is not None and self.stats != "full":
+            raise ValueError(f"block_fit needs stats='full', not {self.stats!r}")
+        if o.validation_other is not None and o.validation is None:
+            raise ValueError("validation_other needs validation windows")
         training = self.model.training
         self.model.eval()  # dropout would make statistics and outputs random
-        buffer: list[torch.Tensor] = []
-        dense: list[torch.Tensor] | None = None
-        arguments: dict[tuple, tuple] = {}
-        if self.dense_stream and checkpoint is not None:
-            raise ValueError("the dense-target variant (a second activation stream) cannot be checkpointed yet; drop checkpoint_dir")
-        if validation is not None and self.stats != "full":
-            raise ValueError(f"validation windows need stats='full', not {self.stats!r}")
-        if block_choice is not None and validation is None:
-            raise ValueError("block_choice needs validation windows")
-        val: ValidationStream | None = None
-        fit_dense: list[torch.Tensor] | None = None  # the dense stream of the calibration windows, for block_fit
-        if block_fit is not None and self.stats != "full":
-            raise ValueError(f"block_fit needs stats='full', not {self.stats!r}")
-        first = self._resume.restore_finished(checkpoint, pass_name, state, result) if checkpoint is not None else 0
-        if after_block is not None:
-            for index in range(first):
-                after_block(index)
-        prior_total = result.total_s
+        p.first = self._resume.restore_finished(o.checkpoint, o.pass_name, o.state, result) if o.checkpoint is not None else 0
+        if o.after_block is not None:
+            for index in range(p.first):
+                o.after_block(index)
+        p.prior_total = result.total_s
         try:
-            if first < len(self.blocks):
+            if p.first < len(self.blocks):
                 if self.stats != "none":
-                    if calib is None:
-                        raise ValueError(f"stats={self.stats!r} needs calibration token ids")
-                    batches = as_batches(calib, self.batch_size)
-                    result.nsamples = sum(b.shape[0] for b in batches)
-                    result.tokens = sum(b.numel() for b in batches)
-                    t0 = self._now()
-                    buffer, arguments = self.capture(batches)
-                    if validation_other is not None and validation is None:
-                        raise ValueError("validation_other needs validation windows")
-                    if validation is not None:
-                        vbatches = as_batches(validation, self.batch_size)
-                        calib_batches = len(vbatches)
-                        if validation_other is not None:
-                            vbatches += as_batches(validation_other, self.batch_size)
-                        vbuffer, vargs = self.capture(vbatches)
-                        for key, value in vargs.items():
-                            arguments.setdefault(key, value)
-                        val = ValidationStream(vbuffer, calib_batches)
-                        result.validation_samples = sum(b.shape[0] for b in vbatches)
-                        memory.add(nbytes(val.tensors()))
-                    result.forward_s += self._now() - t0
-                    memory.add(nbytes(buffer) + nbytes(arguments))
-                    if self.dense_stream:
-                        dense = [x.clone() for x in buffer]
-                        memory.add(nbytes(dense))
-                    elif block_fit is not None and block_fit.target == "dense":
-                        # only the windows the fit visits need the dense model's hidden states
-                        fit_dense = [buffer[i].clone() for i in visited(len(buffer), block_fit)]
-                        memory.add(nbytes(fit_dense))
-                    self._warn_rank(result.tokens)
-                    if first:
-                        self._resume.resume_inputs(checkpoint, pass_name, first, buffer,
-                                                   lambda i: self._recompute(i, buffer, arguments, result), val, fit_dense)
-                self._blocks(buffer, arguments, layer_fn, result, memory, first, checkpoint, pass_name, state, start, prior_total,
-                             after_block, dense, val, block_choice, block_fit, fit_dense)
-            if checkpoint is not None:
-                checkpoint.finish_pass(pass_name)
+                    self._open_streams(calib, p)
+                self._blocks(p, layer_fn)
+            if o.checkpoint is not None:
+                o.checkpoint.finish_pass(o.pass_name)
         finally:
-            buffer.clear()
-            if val is not None:
-                val.pruned.clear()
-                val.dense.clear()
-            if fit_dense is not None:
-                fit_dense.clear()
+            p.streams.clear()
             self.model.train(training)
-        result.total_s = prior_total + self._now() - start
-        result.peak_tracked_bytes = memory.peak
+        result.total_s = p.prior_total + self._now() - p.start
+        result.peak_tracked_bytes = p.memory.peak
         if self.device.type == "cuda":
             result.cuda_peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
         return result
+
+    def _open_streams(self, calib: torch.Tensor | Sequence[torch.Tensor] | None, p: _Pass) -> None:
+        """Capture block 0's inputs of the calibration (and validation) windows into ``p.streams``
+        and, for a resumed pass, bring them to the first unfinished block."""
+        o, result, memory, streams = p.options, p.result, p.memory, p.streams
+        if calib is None:
+            raise ValueError(f"stats={self.stats!r} needs calibration token ids")
+        batches = as_batches(calib, self.batch_size)
+        result.nsamples = sum(b.shape[0] for b in batches)
+        result.tokens = sum(b.numel() for b in batches)
+        t0 = self._now()
+        streams.buffer, p.arguments = self.capture(batches)
+        buffer = streams.buffer
+        if o.validation is not None:
+            vbatches = as_batches(o.validation, self.batch_size)
+            calib_batches = len(vbatches)
+            if o.validation_other is not None:
+                vbatches += as_batches(o.validation_other, self.batch_size)
+            vbuffer, vargs = self.capture(vbatches)
+            for key, value in vargs.items():
+                p.arguments.setdefault(key, value)
+            streams.val = ValidationStream(vbuffer, calib_batches)
+            result.validation_samples = sum(b.shape[0] for b in vbatches)
+            memory.add(nbytes(streams.val.tensors()))
+        result.forward_s += self._now() - t0
+        memory.add(nbytes(buffer) + nbytes(p.arguments))
+        if self.dense_stream:
+            streams.dense = [x.clone() for x in buffer]
+            memory.add(nbytes(streams.dense))
+        elif o.block_fit is not None and o.block_fit.target == "dense":
+            # only the windows the fit visits need the dense model's hidden states
+            streams.fit_dense = [buffer[i].clone() for i in visited(len(buffer), o.block_fit)]
+            memory.add(nbytes(streams.fit_dense))
+        self._warn_rank(result.tokens)
+        if p.first:
+            self._resume.resume_inputs(o.checkpoint, o.pass_name, p.first, streams,
+                                       lambda i: self._recompute(i, buffer, p.arguments, result))
 
     def _warn_rank(self, tokens: int) -> None:
         widest = max((in_features(m) for b in self.blocks for m in find_linears(b).values()), default=0)
@@ -494,28 +558,14 @@ class BlockDriver:
         self._propagate(block, buffer, arguments, result, index)
         block.to(home)
 
-    def _blocks(  # noqa: PLR0913
-        self,
-        buffer: list[torch.Tensor],
-        arguments: dict,
-        layer_fn: LayerFn,
-        result: DriverResult,
-        memory: Memory,
-        first: int = 0,
-        checkpoint: "Checkpoint | None" = None,
-        pass_name: str = "prune",
-        state: BlockState | None = None,
-        start: float = 0.0,
-        prior_total: float = 0.0,
-        after_block: Callable[[int], None] | None = None,
-        dense: list[torch.Tensor] | None = None,
-        val: ValidationStream | None = None,
-        block_choice: BlockChoice | None = None,
-        block_fit: BlockFitOptions | None = None,
-        fit_dense: list[torch.Tensor] | None = None,
-    ) -> None:
+    def _blocks(self, p: _Pass, layer_fn: LayerFn) -> None:
+        """The block loop: statistics, solve, guard and fit, propagation, save, for every block
+        from ``p.first`` on."""
         from tqdm.auto import tqdm
 
+        o, result, memory, arguments = p.options, p.result, p.memory, p.arguments
+        buffer, dense, val, fit_dense = p.streams.buffer, p.streams.dense, p.streams.val, p.streams.fit_dense
+        block_fit, first = o.block_fit, p.first
         count = len(self.blocks)
         bar = tqdm(total=count, initial=first, desc=self.desc, unit="block", disable=not self.progress, leave=False)
         try:
@@ -528,18 +578,15 @@ class BlockDriver:
                 memory.add(block_bytes)
                 linears = find_linears(block, prefix=f"{self.path}.{index}")
                 try:
-                    accs: dict[str, Any] = {}
-                    crosses: dict[int, Any] = {}
-                    vaccs: dict[str, Any] = {}
-                    oaccs: dict[str, Any] = {}  # another domain's validation windows: validate, stay out of H
+                    acc = _Accumulators()
                     # the block fit's local targets are the statistics pass's own outputs (the fit runs with stats="full")
                     local = [] if (block_fit is not None and block_fit.target == "local") else None
                     if self.stats != "none":
-                        accs = self._statistics(block, linears, buffer, arguments, result, memory, dense, crosses, local)
+                        acc.calib = self._statistics(block, linears, buffer, p, acc.crosses if dense is not None else None, local)
                     if val is not None:
-                        vaccs = self._statistics(block, linears, val.pruned[: val.calib], arguments, result, memory)
-                        if val.calib < len(val.pruned):
-                            oaccs = self._statistics(block, linears, val.pruned[val.calib :], arguments, result, memory)
+                        acc.val = self._statistics(block, linears, val.pruned[: val.calib], p)
+                        if val.calib < len(val.pruned):  # another domain's windows: validate, stay out of H
+                            acc.other = self._statistics(block, linears, val.pruned[val.calib :], p)
                         t0 = self._now()
                         for x in val.dense:  # the dense model's hidden state after this block
                             x.copy_(self._call(block, x.to(self.device), arguments))
@@ -547,12 +594,10 @@ class BlockDriver:
                     view = BlockView(index, block, linears, arguments, f"{self.path}.{index}.")
                     targets = local if local is not None else dense_targets(self.runner, view, buffer, result, block_fit, dense, fit_dense)
                     weight = balanced_weights(self.deviation, targets, val, self.device)
-                    self._solve(index, linears, accs, layer_fn, result, memory, crosses, vaccs, oaccs)
-                    for acc in {id(a): a for d in (accs, vaccs, oaccs) for a in d.values()}.values():
-                        memory.sub(nbytes(vars(acc)))
-                    accs.clear()
-                    vaccs.clear()
-                    oaccs.clear()
+                    self._solve(index, linears, layer_fn, p, acc)
+                    for a in acc.all():
+                        memory.sub(nbytes(vars(a)))
+                    acc.clear()
                     fit = None
                     if block_fit is not None:
                         def fit(v: ValidationStream | None, start: float | None = None, view=view, targets=targets,
@@ -561,7 +606,7 @@ class BlockDriver:
                             self._record_fit(view.index, record, result)
                             return record, outs
                     if val is not None:
-                        guard_block(self.runner, view, val, result, block_choice, fit, weight)
+                        guard_block(self.runner, view, val, result, o.block_choice, fit, weight)
                     elif fit is not None:
                         fit(None)
                     if targets is not None and targets is not dense and targets is not fit_dense:
@@ -572,11 +617,11 @@ class BlockDriver:
                     raise torch.OutOfMemoryError(self._oom_message(index, buffer, block_bytes, linears, exc)) from exc
                 block.to(home)
                 memory.sub(block_bytes)
-                if checkpoint is not None:
-                    self._resume.save_block(checkpoint, pass_name, index, block, list(linears), buffer, state, result,
-                                            prior_total + self._now() - start, val, fit_dense)
-                if after_block is not None:
-                    after_block(index)
+                if o.checkpoint is not None:
+                    self._resume.save_block(o.checkpoint, o.pass_name, index, p.streams, o.state, result,
+                                            p.prior_total + self._now() - p.start)
+                if o.after_block is not None:
+                    o.after_block(index)
                 bar.update(1)
                 bar.set_postfix(fwd=f"{result.forward_s:.1f}s", stats=f"{result.stats_s:.1f}s", solve=f"{result.solver_s:.1f}s")
                 log.info(
@@ -615,18 +660,11 @@ class BlockDriver:
             f"{widest * widest * 4 / mib:.1f} MiB; try: " + "; ".join(hints) + f" ({exc})"
         )
 
-    def _solve(  # noqa: PLR0913
-        self,
-        index: int,
-        linears: dict[str, nn.Module],
-        accs: dict[str, Any],
-        layer_fn: LayerFn,
-        result: DriverResult,
-        memory: Memory,
-        crosses: dict[int, Any] | None = None,
-        vaccs: dict[str, Any] | None = None,
-        oaccs: dict[str, Any] | None = None,
-    ) -> None:
+    def _solve(self, index: int, linears: dict[str, nn.Module], layer_fn: LayerFn, p: _Pass, acc: _Accumulators) -> None:
+        """Call ``layer_fn`` on every linear of block ``index`` with its finalized statistics and
+        write the results back, recording each layer."""
+        result, memory = p.result, p.memory
+        accs, crosses, vaccs, oaccs = acc.calib, acc.crosses, acc.val, acc.other
         finalized: dict[int, torch.Tensor] = {}
         cross_final: dict[int, torch.Tensor] = {}
         splits: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
