@@ -155,19 +155,15 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blocks", metavar="PATH", default=None,
                    help="where the decoder blocks are, for a model whose layout sdsx does not know: the dotted attribute "
                         "path from the model to their nn.ModuleList (e.g. model.layers)")
-    from sdsx.pruners.blockfit import DEVIATIONS
     from sdsx.pruners.sds import SDSOptions
 
     d = SDSOptions()  # the help shows the library's defaults; unset options are not passed on
-    g = p.add_argument_group("pruner settings")
-    g.add_argument("--blocksize", type=_positive_int, default=None, metavar="B",
-                   help=f"SparseGPT's lazy-update block in columns (default {d.blocksize})")
-    g.add_argument("--percdamp", type=_nonneg_float, default=None, metavar="F",
-                   help=f"SparseGPT's damping, a fraction of mean(diag H) (default {d.percdamp})")
-    g.add_argument("--report-error", action=argparse.BooleanOptionalAction, default=None,
-                   help="compute every layer's reconstruction error tr(D H D^T) for the report (default: for sparsegpt and "
-                        "sds, where it costs nothing; wanda and magnitude then skip the full Gram, several times faster)")
-    g = p.add_argument_group("SDS settings (method sds only; defaults are sdsx.SDSOptions')")
+    groups = {"pruner": p.add_argument_group("pruner settings")}
+    groups["pruner"].add_argument(
+        "--report-error", action=argparse.BooleanOptionalAction, default=None,
+        help="compute every layer's reconstruction error tr(D H D^T) for the report (default: for sparsegpt and "
+             "sds, where it costs nothing; wanda and magnitude then skip the full Gram, several times faster)")
+    g = groups["sds"] = p.add_argument_group("SDS settings (method sds only; defaults are sdsx.SDSOptions')")
     g.add_argument("--schedule", choices=("interleaved", "phased", "parallel"), default=None,
                    help="interleaved: sparse, dense, sparse and adjust per block in one calibration pass (default); "
                         "phased: the paper's order, one full pass per phase; parallel: phase 1 block by block, "
@@ -176,64 +172,42 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
                    help="spread the parallel schedule's phases 2 and 3 over the ranks of a torchrun launch "
                         "(torchrun --nproc-per-node N -m sdsx prune ... --distributed --out DIR); rank 0 runs phase 1, "
                         "evaluates and saves; the ranks exchange layers through DIR, which a failed run resumes from")
-    g.add_argument("--l1", type=_nonneg_float, default=None, metavar="F",
-                   help=f"relative L1 weight of the re-dense phase (default {d.l1}; the paper uses 0.1)")
-    g.add_argument("--l2", type=_nonneg_float, default=None, metavar="F",
-                   help=f"relative L2 weight of the re-dense phase (default {d.l2}; the paper uses 0.1)")
-    g.add_argument("--dense-iters", type=_positive_int, default=None, metavar="K",
-                   help=f"FISTA iterations of the re-dense phase (default {d.dense_iters})")
-    g.add_argument("--adjust-iters", type=_positive_int, default=None, metavar="K",
-                   help=f"iterations of the final weight adjustment (default {d.adjust_iters})")
-    g.add_argument("--damp", type=_nonneg_float, default=None, metavar="F",
-                   help=f"relative damping of H in the re-dense and adjust phases (default {d.damp})")
-    g.add_argument("--no-redense", action="store_true", help="skip the re-dense phase (sparse, then adjust)")
-    g.add_argument("--no-adjust", action="store_true", help="skip the weight adjustment after the second pruning")
-    g.add_argument("--no-reselect", action="store_true", help="keep the second pruning's mask fixed during the adjustment")
-    if hasattr(d, "adjust_score"):
-        from sdsx.pruners import sds as _sds
-
-        g.add_argument("--adjust-score", choices=tuple(getattr(_sds, "ADJUST_SCORES", ("magnitude", "activation"))), default=None,
-                       help=f"what the adjustment's mask re-selection ranks: magnitude |W| (the paper's) or activation "
-                            f"|W| * sqrt(diag H) (Wanda's score) (default {d.adjust_score})")
-    g.add_argument("--target", choices=("pruned", "dense"), default=None,
-                   help="what the re-dense and adjust phases fit: the dense weights on the pruned model's inputs "
-                        "(pruned, the paper's; default) or the dense model's own outputs (dense: a second activation "
-                        "stream, interleaved schedule only)")
-    g.add_argument("--alpha", type=_nonneg_float, default=None, metavar="F",
-                   help="with --target dense: the share of the correction towards the dense model's outputs, in [0, 1] "
-                        "(default 1: all of it)")
-    g.add_argument("--no-keep-better", action="store_true",
-                   help="always use the SDS result, even for layers where phase 1's error was lower")
     g.add_argument("--validation", default="auto", metavar="K",
                    help="calibration sequences held out from phases 2/3 to guard them (a count, a fraction in (0, 1), "
                         "or 0 for none; default auto: 1/8 of them with the interleaved schedule)")
-    g.add_argument("--no-block-guard", action="store_true",
-                   help="keep SDS's weights for every block even where phase 1's are closer to the dense model on validation")
-    g.add_argument("--no-model-guard", action="store_true",
-                   help="return SDS's weights even where the whole model's validation loss is lower with phase 1's on "
-                        "some validation source")
     g.add_argument("--other-validation", default="self", metavar="SRC",
                    help="validation windows from another domain, beside the held-out calibration ones: self (default: "
                         "sampled from the dense model), none, or a local text file (windows drawn from it)")
-    g.add_argument("--deviation", choices=DEVIATIONS, default=None,
-                   help="how a block's distance from the dense model is measured for the guards and the block fit: "
-                        "balanced (default: every hidden channel weighed by its dense RMS) or plain")
-    g.add_argument("--no-early-stop", action="store_true",
-                   help="return the adjustment's last iterate, not the one with the lowest validation error")
-    g = p.add_argument_group("block fit (every method: masks fixed, each block's kept weights fitted to the dense model's "
-                             "hidden state; defaults are sdsx.SDSOptions')")
+    g.add_argument("--early-exit-params", type=float, default=3e9, metavar="P",
+                   help="skip the adjustment for models with more than P parameters (the paper's early exit; default 3e9)")
+    g = groups["fit"] = p.add_argument_group("block fit (every method: masks fixed, each block's kept weights fitted to the "
+                                             "dense model's hidden state; defaults are sdsx.SDSOptions')")
     g.add_argument("--block-fit", action=argparse.BooleanOptionalAction, default=None,
                    help=f"fit each pruned block to the dense model's hidden state with a few Adam steps, keeping the best "
                         f"iterate on the validation windows (default for sds: {d.block_fit}; for the other methods: off)")
-    g.add_argument("--block-lr", type=_nonneg_float, default=None, metavar="F", help=f"the block fit's Adam learning rate (default {d.block_lr})")
-    g.add_argument("--block-epochs", type=_nonneg_float, default=None, metavar="E",
-                   help=f"the block fit's passes over the calibration windows (default {d.block_epochs})")
-    g.add_argument("--block-target", choices=("dense", "local"), default=None,
-                   help=f"what the block fit approaches: the dense model's hidden state (dense) or the dense block on the "
-                        f"pruned input (local) (default {d.block_target})")
-    g.add_argument("--early-exit-params", type=float, default=3e9, metavar="P",
-                   help="skip the adjustment for models with more than P parameters (the paper's early exit; default 3e9)")
+    _option_flags(groups, SDSOptions)
     _registered_pruner_options(p)
+
+
+def _option_flags(groups: dict[str, Any], cls: type) -> None:
+    """A flag for every field of the options dataclass ``cls`` whose metadata gives one
+    (:func:`sdsx.pruners.sds.flag`): ``--name-with-dashes``, its help and choices from the
+    metadata, the default from the dataclass, booleans as ``--name/--no-name``; unset flags stay
+    None (the library's default applies)."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "flag" not in meta:
+            continue
+        default = getattr(defaults, f.name)
+        kw: dict[str, Any] = dict(dest=f"opt__{f.name}", default=None, help=f"{meta['flag']} (default {default})")
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        else:
+            kw.update(metavar=f.name.upper(), type=_positive_int if isinstance(default, int) else _nonneg_float)
+        groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def _registered_pruner_options(p: argparse.ArgumentParser) -> None:
@@ -352,27 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------- model
 # --------------------------------------------------------------------------------------- pruning
 def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from sdsx.pruners.sds import SDSOptions
-
-    fields = {f.name for f in dataclasses.fields(SDSOptions)}
-    wanted = {
-        "l1": args.l1, "l2": args.l2, "dense_iters": args.dense_iters, "adjust_iters": args.adjust_iters,
-        "damp": args.damp, "blocksize": args.blocksize, "percdamp": args.percdamp,
-        "redense": False if args.no_redense else None, "adjust": False if args.no_adjust else None,
-        "reselect": False if args.no_reselect else None, "keep_better": False if args.no_keep_better else None,
-        "adjust_score": getattr(args, "adjust_score", None), "target": args.target, "alpha": args.alpha,
-        "block_guard": False if args.no_block_guard else None, "early_stop": False if args.no_early_stop else None,
-        "model_guard": False if getattr(args, "no_model_guard", False) else None, "deviation": getattr(args, "deviation", None),
-        "block_lr": args.block_lr, "block_epochs": args.block_epochs, "block_target": args.block_target,
-    }
-    out = {}
-    for key, value in wanted.items():
-        if value is None:
-            continue
-        if key not in fields:
-            raise CLIError(f"this version of SDS has no option {key!r}")
-        out[key] = value
-    return out
+    """The SDSOptions fields given by their flags (see :func:`_option_flags`)."""
+    return {k[len("opt__"):]: v for k, v in vars(args).items() if k.startswith("opt__") and v is not None}
 
 
 def _validation_arg(args: argparse.Namespace) -> Any:

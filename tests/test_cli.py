@@ -455,3 +455,25 @@ def test_library_and_cli_give_the_same_weights(files, tmp_path, method, extra):
     assert saved.keys() == mine.keys()
     differ = [k for k in mine if not torch.equal(saved[k], mine[k])]
     assert not differ, f"library and CLI differ in {differ[:3]}"
+
+
+def test_sds_flags_come_from_the_options_dataclass():
+    """Every SDSOptions field with flag metadata is a flag of `sdsx prune` with its default in the
+    help, and the given flags reach the options (booleans both ways)."""
+    import dataclasses
+
+    from sdsx.cli import _sds_overrides, build_parser
+    from sdsx.pruners.sds import SDSOptions
+
+    parser = build_parser()
+    prune = parser._subparsers._group_actions[0].choices["prune"]
+    text = " ".join(prune.format_help().split())
+    flagged = [f for f in dataclasses.fields(SDSOptions) if "flag" in f.metadata]
+    assert len(flagged) >= 20
+    for f in flagged:
+        assert f"--{f.name.replace('_', '-')}" in text, f.name
+    args = parser.parse_args(["prune", "m", "--reselect", "--no-keep-better", "--dense-iters", "3", "--target", "dense",
+                              "--block-lr", "1e-3", "--percdamp", "0.05"])
+    assert _sds_overrides(args) == {"reselect": True, "keep_better": False, "dense_iters": 3, "target": "dense",
+                                    "block_lr": 1e-3, "percdamp": 0.05}
+    assert _sds_overrides(parser.parse_args(["prune", "m"])) == {}

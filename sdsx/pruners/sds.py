@@ -21,7 +21,7 @@ paper's l1 = l2 = 0.1 are our l1 = l2 = 0.1 (with rms(W_d) folded into l1).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -31,6 +31,7 @@ from sdsx.numerics import exact_fp32
 from sdsx.pruners import registry
 from sdsx.pruners.base import PruneResult, apply_mask, reconstruction_error
 from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions
+from sdsx.pruners.blockfit import TARGETS as FIT_TARGETS
 from sdsx.pruners.magnitude import select_mask
 from sdsx.pruners.sparsegpt import FactorCache
 from sdsx.pruners.spec import SparsitySpec
@@ -38,6 +39,13 @@ from sdsx.pruners.spec import SparsitySpec
 ADJUST_SCORES = ("magnitude", "activation")
 SHARED_PRUNER_FIELDS = ("blocksize", "percdamp")  # SDSOptions fields passed on to the pruner's options
 TARGETS = ("pruned", "dense")
+
+
+def flag(text: str, group: str = "sds", choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Field metadata that gives an option its command-line flag (``--name-with-dashes``, the default
+    read from the field): ``text`` is its help, ``group`` its section of ``--help`` ("pruner",
+    "sds" or "fit"), ``choices`` its allowed values."""
+    return {"flag": text, "group": group, "choices": choices}
 
 
 @dataclass(frozen=True)
@@ -111,29 +119,40 @@ class SDSOptions:
     """
 
     pruner: str = "sparsegpt"
-    redense: bool = True
-    l1: float = 0.0
-    l2: float = 0.0
-    dense_iters: int = 8
-    damp: float = 1.0
-    adjust: bool = True
-    adjust_iters: int = 8
-    reselect: bool = False
-    adjust_score: str = "magnitude"
-    keep_better: bool = True
-    block_guard: bool = True
-    model_guard: bool = True
-    early_stop: bool = True
-    target: str = "pruned"
-    alpha: float = 1.0
+    redense: bool = field(default=True, metadata=flag("run the re-dense phase (--no-redense: sparse, then adjust)"))
+    l1: float = field(default=0.0, metadata=flag("relative L1 weight of the re-dense phase (the paper uses 0.1)"))
+    l2: float = field(default=0.0, metadata=flag("relative L2 weight of the re-dense phase (the paper uses 0.1)"))
+    dense_iters: int = field(default=8, metadata=flag("FISTA iterations of the re-dense phase"))
+    damp: float = field(default=1.0, metadata=flag("relative damping of H in the re-dense and adjust phases"))
+    adjust: bool = field(default=True, metadata=flag("run the weight adjustment after the second pruning"))
+    adjust_iters: int = field(default=8, metadata=flag("iterations of the weight adjustment"))
+    reselect: bool = field(default=False, metadata=flag(
+        "re-select the mask at every adjustment step (the paper's); else keep the second pruning's mask and refit by CG"))
+    adjust_score: str = field(default="magnitude", metadata=flag(
+        "what the adjustment's mask re-selection ranks: |W| (magnitude, the paper's) or |W| * sqrt(diag H) (activation)",
+        choices=ADJUST_SCORES))
+    keep_better: bool = field(default=True, metadata=flag("keep phase 1's weights for a layer whose error they beat"))
+    block_guard: bool = field(default=True, metadata=flag(
+        "keep phase 1's weights for a block whose validation output they bring closer to the dense model's"))
+    model_guard: bool = field(default=True, metadata=flag(
+        "return phase 1's weights unless SDS's whole-model validation loss is lower on every validation source"))
+    early_stop: bool = field(default=True, metadata=flag("return the adjustment iterate with the lowest validation error"))
+    target: str = field(default="pruned", metadata=flag(
+        "what phases 2 and 3 fit: the dense weights on the pruned model's inputs (pruned, the paper's) or the dense "
+        "model's outputs (dense: a second activation stream, interleaved schedule only)", choices=TARGETS))
+    alpha: float = field(default=1.0, metadata=flag("with --target dense: the share of the correction towards the dense outputs, in [0, 1]"))
     block_fit: bool = True
-    block_lr: float = 3e-4
+    block_lr: float = field(default=3e-4, metadata=flag("the block fit's Adam learning rate", group="fit"))
     block_lr_mode: str = "absolute"
-    block_epochs: float = 0.5
-    block_target: str = "dense"
-    deviation: str = "balanced"
-    blocksize: int = 128
-    percdamp: float = 0.01
+    block_epochs: float = field(default=0.5, metadata=flag("the block fit's passes over the calibration windows", group="fit"))
+    block_target: str = field(default="dense", metadata=flag(
+        "what the block fit approaches: the dense model's hidden state (dense) or the dense block on the pruned input (local)",
+        group="fit", choices=FIT_TARGETS))
+    deviation: str = field(default="balanced", metadata=flag(
+        "how a block's distance from the dense model is measured for the guards and the block fit: every hidden channel "
+        "weighed by its dense RMS (balanced) or by its own size (plain)", choices=DEVIATIONS))
+    blocksize: int = field(default=128, metadata=flag("SparseGPT's lazy-update block in columns", group="pruner"))
+    percdamp: float = field(default=0.01, metadata=flag("SparseGPT's damping, a fraction of mean(diag H)", group="pruner"))
     pruner_options: dict | None = None
 
     def validate(self) -> "SDSOptions":
