@@ -46,6 +46,8 @@ _LAZY = {
     "write_report": "sdsx.report",
     "run": "sdsx.job",
     "RunResult": "sdsx.job",
+    "compare": "sdsx.commands",
+    "evaluate": "sdsx.commands",
     "RunConfig": "sdsx.config",
     "ModelConfig": "sdsx.config",
     "CalibrationConfig": "sdsx.config",

@@ -11,8 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import sys
-import time
-from pathlib import Path
 from typing import Any, Sequence
 
 log = logging.getLogger("sdsx")
@@ -383,9 +381,10 @@ def _run_config(args: argparse.Namespace) -> Any:
     return RunConfig(
         model=ModelConfig(name=args.model, dtype=args.dtype, blocks=args.blocks, bos=args.bos),
         calibration=CalibrationConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
-        method=_method_config(args, args.method, args.sparsity),
+        method=_method_config(args, getattr(args, "method", "sds"), args.sparsity if isinstance(args.sparsity, str) else args.sparsity[0]),
         evaluation=_eval_config(args),
-        output=OutputConfig(out=args.out, report=args.report, save_masks=args.save_masks, overwrite=args.overwrite),
+        output=OutputConfig(out=getattr(args, "out", None), report=args.report, save_masks=getattr(args, "save_masks", False),
+                            overwrite=getattr(args, "overwrite", False)),
         engine=EngineConfig(device=args.device, progress=not args.no_progress, distributed=args.distributed),
     )
 
@@ -446,90 +445,31 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from sdsx.job import Evaluator, check_inputs, resolve_device
+    from sdsx.commands import evaluate
+    from sdsx.config import EngineConfig, ModelConfig, OutputConfig, RunConfig
 
-    device = resolve_device(args.device)
-    evaluation = _eval_config(args)
-    check_inputs(evaluation, None)
-    model, tok, meta, label = load_model(args.model, args.dtype)
-    evaluate = Evaluator(evaluation, tok, args.bos, not args.no_progress, ppl_default=not args.tasks)
-    from sdsx.job import result_row, strip_samples
-
-    if evaluate.empty:
-        raise CLIError("nothing to evaluate: give --ppl SOURCE and/or --tasks LIST")
-    ev = evaluate(model, device)
-    method = (meta or {}).get("method") or "dense"
-    sparsity = str((meta or {}).get("pattern") or "0")
-    rows = [result_row(label, method, sparsity, ev, evaluate.ppl_name)]
-    _print_table(rows)
-    if ev.get("zeroshot"):
+    config = RunConfig(model=ModelConfig(name=args.model, dtype=args.dtype, bos=args.bos), evaluation=_eval_config(args),
+                       output=OutputConfig(report=args.report), engine=EngineConfig(device=args.device, progress=not args.no_progress))
+    result = evaluate(config, command=_command(args))
+    _print_table(result.rows)
+    if result.zeroshot:
         from sdsx.report import zeroshot_table
 
         print()
-        print(zeroshot_table(ev["zeroshot"]))
-    if args.report:
-        from sdsx.report import write_report
-
-        out = Path(args.report).expanduser()
-        meta = {"model": args.model, "command": _command(args), "evaluation": strip_samples(ev), "protocol": evaluate.protocol,
-                "saved_meta": meta}
-        write_report(out, rows, [], meta=meta,
-                     title=f"sdsx eval {label}", zeroshot=ev.get("zeroshot"))
-        print(f"report: {out}")
+        print(zeroshot_table(result.zeroshot))
+    if result.report_dir is not None:
+        print(f"report: {result.report_dir}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from sdsx.model.blocks import find_blocks, find_linears, get_weight, set_weight
+    from sdsx.commands import compare
 
-    if args.distributed:
-        raise CLIError("--distributed is for `sdsx prune --method sds`; compare runs every method in one process")
-    from sdsx.config import CalibrationConfig
-    from sdsx.job import Evaluator, PruneContext, calibrate, check_inputs, point_at_blocks, prune_model, report_dir_for, resolve_device, result_row
-
-    device = resolve_device(args.device)
-    calibration = CalibrationConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    evaluation = _eval_config(args)
-    check_inputs(evaluation, calibration)
-    model, tok, meta, label = load_model(args.model, args.dtype)
-    point_at_blocks(model, args.blocks)
-    if meta is not None and meta.get("pattern"):
-        raise CLIError(f"{args.model} is already pruned ({meta.get('method')} {meta.get('pattern')}); compare needs the dense model")
-    progress = not args.no_progress
-    evaluate = Evaluator(evaluation, tok, args.bos, progress, ppl_default=True)
-    calib, calib_desc = calibrate(calibration, tok, model, args.bos, progress)
-    blocks, path = find_blocks(model)
-    linears = {}
-    for i, block in enumerate(blocks):
-        linears.update(find_linears(block, prefix=f"{path}.{i}"))
-    dense_weights = {name: get_weight(m).clone() for name, m in linears.items()}
-
-    rows, reports = [], []
-    dense = evaluate(model, device) if not evaluate.empty else {}
-    rows.append(result_row(label, "dense", "0", dense, evaluate.ppl_name))
-    ctx = PruneContext(device, progress, None, tok, args.seed, args.bos)
-    runs = [(s, m) for s in args.sparsity for m in args.methods if m != "dense"]
-    for k, (sparsity, method) in enumerate(runs, 1):
-        log.info("compare %d/%d: %s %s", k, len(runs), method, sparsity)
-        for name, m in linears.items():
-            set_weight(m, dense_weights[name])
-        t0 = time.perf_counter()
-        report = prune_model(model, calib, _method_config(args, method, sparsity), sparsity, ctx)
-        seconds = time.perf_counter() - t0
-        ev = evaluate(model, device) if not evaluate.empty else {}
-        rows.append(result_row(label, method, sparsity, ev, evaluate.ppl_name, seconds))
-        reports.append(report)
-    for name, m in linears.items():
-        set_weight(m, dense_weights[name])
-
-    report_dir = report_dir_for(args.report, label, "compare")
-    from sdsx.report import write_report
-
-    write_report(report_dir, rows, reports, title=f"sdsx compare {label}",
-                 meta={"model": args.model, "command": _command(args), "calibration": calib_desc, "methods": args.methods, "sparsity": args.sparsity,
-                       "evaluation": evaluate.settings()})
-    _print_table(rows)
-    print(f"report: {report_dir}")
+    config = _run_config(args)
+    methods = [_method_config(args, m, s) for s in args.sparsity for m in args.methods if m != "dense"]
+    result = compare(config, methods, command=_command(args))
+    _print_table(result.rows)
+    print(f"report: {result.report_dir}")
     return 0
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger("sdsx")
 
 __all__ = [
     "BUILTIN_MODELS", "CALIB_FILE", "Evaluator", "JobError", "RunResult", "WIKITEXT_FILE", "calibrate", "check_inputs",
-    "load_model", "prune_model", "resolve_device", "result_row", "run", "strip_samples",
+    "load_model", "prepare", "prune_model", "resolve_device", "result_row", "run", "strip_samples",
 ]
 
 BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m")  # sdsx.model.offline
@@ -397,6 +397,36 @@ def prune_model(model: Any, calib: Any, m: MethodConfig, sparsity: str, ctx: Pru
 
 # ------------------------------------------------------------------------------------------- run
 @dataclass
+class Prepared:
+    """A pruning job's inputs, loaded: the device, the dense model and its tokenizer and label, the
+    evaluator (texts tokenized, tasks checked) and the calibration windows with their provenance."""
+
+    device: Any
+    model: Any
+    tokenizer: Any
+    label: str
+    evaluator: Evaluator
+    calib: Any
+    calib_desc: dict[str, Any]
+
+
+def prepare(config: RunConfig, purpose: str) -> Prepared:
+    """Check the evaluation and calibration settings, load the dense model ``config.model`` names
+    (an already pruned one is refused: ``purpose`` says what the dense model is needed for), and
+    build the evaluator and the calibration windows."""
+    device = resolve_device(config.engine.device)
+    check_inputs(config.evaluation, config.calibration)
+    model, tok, meta, label = load_model(config.model.name, config.model.dtype)
+    point_at_blocks(model, config.model.blocks)
+    if meta is not None and meta.get("pattern"):
+        raise JobError(f"{config.model.name} is already pruned ({meta.get('method')} {meta.get('pattern')}); {purpose}")
+    progress, bos = config.engine.progress, config.model.bos
+    evaluator = Evaluator(config.evaluation, tok, bos, progress, ppl_default=True)
+    calib, calib_desc = calibrate(config.calibration, tok, model, bos, progress)
+    return Prepared(device, model, tok, label, evaluator, calib, calib_desc)
+
+
+@dataclass
 class RunResult:
     """What :func:`run` did: the results table rows (dense and pruned), the pruning report, the
     report folder, the output folder (or None) and the configuration it ran."""
@@ -453,15 +483,9 @@ def run(config: RunConfig, *, command: str | None = None) -> RunResult | None:
         state = check_out_dir(out, config.output.overwrite)
         if state == "checkpoint":
             log.info("output folder %s holds an sdsx checkpoint: resuming from it", out)
-    device = resolve_device(config.engine.device)
-    check_inputs(config.evaluation, config.calibration)
-    model, tok, meta, label = load_model(config.model.name, config.model.dtype)
-    point_at_blocks(model, config.model.blocks)
-    if meta is not None and meta.get("pattern"):
-        raise JobError(f"{config.model.name} is already pruned ({meta.get('method')} {meta.get('pattern')}); prune the dense model")
+    p = prepare(config, "prune the dense model")
+    device, model, tok, label, evaluate, calib, calib_desc = p.device, p.model, p.tokenizer, p.label, p.evaluator, p.calib, p.calib_desc
     progress, bos = config.engine.progress, config.model.bos
-    evaluate = Evaluator(config.evaluation, tok, bos, progress, ppl_default=True)
-    calib, calib_desc = calibrate(config.calibration, tok, model, bos, progress)
 
     rows = []
     dense = _dense_eval(evaluate, model, device, out, label) if not evaluate.empty else {}

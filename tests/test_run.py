@@ -113,3 +113,22 @@ def test_unknown_sections_and_fields_are_named(tmp_path):
     with pytest.raises(ValueError, match="not a valid configuration file"):
         RunConfig.load(bad)
     assert main(["run", str(tmp_path / "missing.json")]) == 1
+
+
+def test_compare_and_evaluate_as_library_calls(files, tmp_path):  # noqa: F811
+    """sdsx.commands.compare prunes each method from the same dense weights (a method run alone by
+    sdsx.run gives the same perplexity), and evaluate scores a saved folder."""
+    from sdsx.commands import compare, evaluate
+
+    config = _config(files, tmp_path / "unused", MethodConfig("wanda", sparsity="2:4")).replace(output={"report": str(tmp_path / "cmp")})
+    methods = [MethodConfig("magnitude", sparsity="0.5"), MethodConfig("wanda", sparsity="2:4")]
+    result = compare(config, methods)
+    assert [r["method"] for r in result.rows] == ["dense", "magnitude", "wanda"]
+    assert (result.report_dir / "report.json").is_file()
+    alone = sdsx.run(_config(files, tmp_path / "wanda", MethodConfig("wanda", sparsity="2:4")))
+    key = next(k for k in alone.rows[-1] if k.startswith("ppl "))
+    assert result.rows[2][key] == pytest.approx(alone.rows[-1][key], rel=1e-6)
+    ev = evaluate(config.replace(model={"name": str(tmp_path / "wanda")}, output={"report": None}))
+    assert ev.rows[0]["method"] == "wanda" and ev.rows[0][key] == pytest.approx(alone.rows[-1][key], rel=1e-6)
+    with pytest.raises(ValueError, match="method.options has no field 'nope'"):
+        compare(config, [MethodConfig("wanda", options={"nope": 1})])
