@@ -28,6 +28,7 @@ _LAZY = {
     "ria": "sdsx.pruners",
     "prune": "sdsx.api",
     "PruneReport": "sdsx.api",
+    "EngineOptions": "sdsx.api",
     "SDSReport": "sdsx.sds",
     "BlockDriver": "sdsx.model.driver",
     "use_blocks": "sdsx.model.blocks",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import torch
@@ -28,11 +28,64 @@ from sdsx.pruners.sds import SHARED_PRUNER_FIELDS
 log = logging.getLogger("sdsx")
 
 __all__ = [
-    "METHODS", "LayerReport", "Plan", "PruneReport", "layer_function", "open_checkpoint", "prune", "report_from", "run_driver",
+    "METHODS", "EngineOptions", "LayerReport", "Plan", "PruneReport", "layer_function", "open_checkpoint", "prune", "report_from", "run_driver",
     "split_validation", "validate",
 ]
 
 METHODS = registry.names()  # every registered pruner (sdsx.pruners.registry)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where and how a pruning run (:func:`prune`, :func:`sdsx.sds_prune`) executes; each field may
+    also be given to them as a keyword.
+
+    device: where blocks run (default CUDA when available, else the model's device).
+    offload: keep the calibration activations on CPU between blocks.
+    progress: show a progress bar per block.
+    batch_size: calibration sequences per block forward call.
+    checkpoint_dir: save the run's state there after every block, and resume from it: a re-run
+        with the same model, calibration and options after an interruption continues at the first
+        unfinished block and ends with the same weights (see :mod:`sdsx.checkpoint`). The folder
+        is left in place; remove it when done.
+    save_activations: whether the checkpoint stores the next block's inputs (default: when they
+        take at most 2 GiB; otherwise a resume re-runs the finished blocks).
+    blocks: where the decoder blocks are, for a model whose layout sdsx does not know: the dotted
+        attribute path from the model to their ``nn.ModuleList`` (e.g. ``"backbone.layers"``; see
+        :func:`sdsx.model.blocks.use_blocks`).
+    histogram_layer: SDS only: the linear (qualified name) whose weights are histogrammed after each
+        phase; default the first block's first linear.
+    """
+
+    device: torch.device | str | None = None
+    offload: bool = True
+    progress: bool = True
+    batch_size: int = 1
+    checkpoint_dir: str | os.PathLike | None = None
+    save_activations: bool | None = None
+    blocks: str | None = None
+    histogram_layer: str | None = None
+
+
+def split_keywords(keywords: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
+    """``keywords`` split by which of the dataclasses ``classes`` has each as a field (the first
+    that has it); a keyword none has is refused, naming every known one."""
+    parts: list[dict[str, Any]] = [{} for _ in classes]
+    known = [[f.name for f in fields(c)] for c in classes]
+    for key, value in keywords.items():
+        where = next((i for i, names in enumerate(known) if key in names), None)
+        if where is None:
+            names = ", ".join(n for names in known for n in names)
+            raise TypeError(f"unexpected keyword {key!r}; the keywords: {names}")
+        parts[where][key] = value
+    return parts
+
+
+def engine_options(engine: EngineOptions | None, given: dict[str, Any]) -> EngineOptions:
+    """``engine`` (or the defaults) with the fields in ``given`` replaced."""
+    if engine is not None and not isinstance(engine, EngineOptions):
+        raise TypeError(f"engine must be an EngineOptions, got {type(engine).__name__}")
+    return replace(engine or EngineOptions(), **given)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -308,6 +361,15 @@ def layer_function(
     return fn, entry.stats_for(report_error)
 
 
+@dataclass(frozen=True)
+class _PruneKeywords:
+    """The keywords of :func:`prune` besides :class:`EngineOptions`' fields (see its docstring)."""
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    report_error: bool | None = None
+
+
 def _check_options(method: str, blocksize: Any, percdamp: Any, methods: Sequence[str] = METHODS) -> None:
     if not isinstance(method, str) or method.lower() not in methods:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
@@ -347,25 +409,17 @@ def open_checkpoint(
 
 
 # ------------------------------------------------------------------------------------ public API
-def prune(  # noqa: PLR0913
+def prune(
     model: nn.Module,
     calib: torch.Tensor | Sequence[torch.Tensor] | None,
     method: str = "sparsegpt",
     sparsity: SparsitySpec | str | float = 0.5,
     *,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    device: torch.device | str | None = None,
-    offload: bool = True,
-    progress: bool = True,
-    report_error: bool | None = None,
-    batch_size: int = 1,
-    checkpoint_dir: str | os.PathLike | None = None,
-    save_activations: bool | None = None,
+    options: Any = None,
     validation: int | float | str | None = "auto",
     block_fit: BlockFitOptions | dict[str, Any] | bool | None = None,
-    blocks: str | None = None,
-    options: Any = None,
+    engine: EngineOptions | None = None,
+    **keywords: Any,
 ) -> PruneReport:
     """Prune every linear layer of every decoder block of ``model`` in place, in one shot.
 
@@ -378,23 +432,14 @@ def prune(  # noqa: PLR0913
             :func:`sdsx.calibration`); may be None for ``magnitude`` with ``report_error=False``.
         method: a registered pruner (:data:`METHODS`): "sparsegpt", "wanda", "ria" or "magnitude".
         sparsity: a fraction in [0, 1) (unstructured), or "2:4" / "4:8" (N kept of every M inputs).
-        blocksize: SparseGPT's lazy-update block (columns).
-        percdamp: SparseGPT's damping, a fraction of mean(diag H).
-        device: where blocks run (default CUDA when available, else the model's device).
-        offload: keep the calibration activations on CPU between blocks.
-        progress: show a progress bar per block.
-        report_error: compute every layer's reconstruction error tr(D H D^T) (``report.layers``'
+        options: the pruner's own options, an instance of its registered options dataclass or a
+            dict of its fields (e.g. ``{"alpha": 0.5}`` for RIA, ``{"blocksize": 64}`` for
+            SparseGPT; see :mod:`sdsx.pruners.registry`).
+        report_error (keyword): compute every layer's reconstruction error tr(D H D^T) (``report.layers``'
             ``error``). None (the default): where it costs nothing, i.e. SparseGPT, whose solver
             needs the full H anyway; Wanda then accumulates only the input column norms (H's
             diagonal) and magnitude no statistics at all, and their errors are NaN. True asks for it
             from every method (the full H: one more GEMM per input for Wanda and magnitude).
-        batch_size: calibration sequences per block forward call.
-        checkpoint_dir: save the run's state there after every block, and resume from it: a
-            re-run with the same model, calibration and options after an interruption continues
-            at the first unfinished block and ends with the same weights (see
-            :mod:`sdsx.checkpoint`). The folder is left in place; remove it when done.
-        save_activations: whether the checkpoint stores the next block's inputs (default: when
-            they take at most 2 GiB; otherwise a resume re-runs the finished blocks).
         validation: also measure, after every block, how far the hidden states of this many held-out
             calibration sequences (a count, or a fraction in (0, 1)) are from the dense model's
             (``report.deviation``, the error over depth). The pruner still sees every calibration
@@ -407,21 +452,26 @@ def prune(  # noqa: PLR0913
             (:mod:`sdsx.pruners.blockfit`): True for the defaults, or a dict of
             :class:`~sdsx.pruners.blockfit.BlockFitOptions` fields. With ``validation`` the best
             iterate on the held-out windows is kept (never worse than the pruner's weights there).
-        blocks: where the decoder blocks are, for a model whose layout sdsx does not know: the
-            dotted attribute path from ``model`` to their ``nn.ModuleList`` (e.g.
-            ``"backbone.layers"``; see :func:`sdsx.model.blocks.use_blocks`).
-        options: the pruner's own options, an instance of its registered options dataclass or a
-            dict of its fields (e.g. ``{"alpha": 0.5}`` for RIA; see
-            :mod:`sdsx.pruners.registry`); ``blocksize`` and ``percdamp`` fill the fields it leaves
-            out.
+        engine: an :class:`EngineOptions` (device, offload, progress, batch_size, checkpoint_dir,
+            save_activations, blocks).
+        keywords: fields of :class:`EngineOptions` (``progress=False``, ``checkpoint_dir=...``),
+            which replace those of ``engine``; ``blocksize`` / ``percdamp`` (SparseGPT's
+            lazy-update block in columns, default 128, and damping as a fraction of mean(diag H),
+            default 0.01), which fill the pruner's options where ``options`` leaves them out; and
+            ``report_error`` (below).
     Returns:
         A :class:`PruneReport`.
     """
     import time
 
     start = time.perf_counter()
-    if blocks is not None:
-        use_blocks(model, blocks)
+    own, given = split_keywords(keywords, _PruneKeywords, EngineOptions)
+    k = _PruneKeywords(**own)
+    blocksize, percdamp, report_error = k.blocksize, k.percdamp, k.report_error
+    e = engine_options(engine, given)
+    device, offload, progress, batch_size = e.device, e.offload, e.progress, e.batch_size
+    if e.blocks is not None:
+        use_blocks(model, e.blocks)
     _check_options(method, blocksize, percdamp)
     method = method.lower()
     pruner_options = registry.make_options(registry.get(method), options, blocksize=blocksize, percdamp=percdamp)
@@ -456,7 +506,7 @@ def prune(  # noqa: PLR0913
     if extra:  # the pruner's own options (RIA's alpha); SparseGPT's are recorded above as before
         run_options["pruner_options"] = extra
     fingerprint_options = {k: v for k, v in run_options.items() if k != "offload"}  # offload moves data, changes nothing
-    checkpoint = open_checkpoint(checkpoint_dir, model, plan, dict(fingerprint_options, method=method), save_activations)
+    checkpoint = open_checkpoint(e.checkpoint_dir, model, plan, dict(fingerprint_options, method=method), e.save_activations)
     engine = DriverOptions(device=device, offload=offload, stats=stats, batch_size=batch_size, progress=progress, desc=f"{method} {spec}")
     result = run_driver(model, plan, layer_fn, engine, PassOptions(checkpoint=checkpoint, validation=held, block_fit=fit))
     report = report_from(result, method, spec, run_options)

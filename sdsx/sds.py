@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -22,7 +21,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from sdsx.api import PruneReport, open_checkpoint, report_from, run_driver, split_validation, validate
+from sdsx.api import (
+    EngineOptions,
+    PruneReport,
+    engine_options,
+    open_checkpoint,
+    report_from,
+    run_driver,
+    split_keywords,
+    split_validation,
+    validate,
+)
 from sdsx.defaults import auto_validation  # re-exported: sdsx.sds.auto_validation
 from sdsx.model.blocks import find_blocks, get_weight, model_linears, use_blocks
 from sdsx.model.driver import DriverOptions, PassOptions
@@ -171,7 +180,15 @@ class _SDSState:
                 self.on_restore(name, W, self.phase_errors.get(name, {}))
 
 
-def sds_prune(  # noqa: PLR0913
+@dataclass(frozen=True)
+class _SDSKeywords:
+    """The keywords of :func:`sds_prune` besides the fields of SDSOptions and EngineOptions."""
+
+    early_exit_params: float = 3e9
+    other_validation: str | torch.Tensor | None = "self"
+
+
+def sds_prune(
     model: nn.Module,
     calib: torch.Tensor | Sequence[torch.Tensor],
     sparsity: SparsitySpec | str | float = "2:4",
@@ -179,18 +196,9 @@ def sds_prune(  # noqa: PLR0913
     *,
     schedule: str = "interleaved",
     options: SDSOptions | None = None,
-    early_exit_params: float = 3e9,
-    histogram_layer: str | None = None,
-    device: torch.device | str | None = None,
-    offload: bool = True,
-    progress: bool = True,
-    batch_size: int = 1,
-    checkpoint_dir: str | os.PathLike | None = None,
-    save_activations: bool | None = None,
     validation: int | float | str | None = "auto",
-    other_validation: str | torch.Tensor | None = "self",
-    blocks: str | None = None,
-    **overrides: Any,
+    engine: EngineOptions | None = None,
+    **keywords: Any,
 ) -> SDSReport:
     """Prune ``model`` in place with Sparse-Dense-Sparse.
 
@@ -205,15 +213,16 @@ def sds_prune(  # noqa: PLR0913
             torch.distributed group; needs ``checkpoint_dir`` with more than one rank, see
             :mod:`sdsx.parallel`). Under a process group of N > 1, ranks 1..N-1 ignore the model,
             work for rank 0 and return None.
-        options: an :class:`~sdsx.pruners.sds.SDSOptions`; keyword ``overrides`` replace its fields
-            (e.g. ``l1=0.05, dense_iters=40, adjust=False``).
-        early_exit_params: skip the weight adjustment for models with more parameters than this
-            (the paper's early exit above ~3B); ``float("inf")`` never skips.
-        histogram_layer: the linear (qualified name) whose weights are histogrammed after each
-            phase; default the first block's first linear.
-        device, offload, progress, batch_size, checkpoint_dir, save_activations: as for
-            :func:`sdsx.prune`; a checkpointed run saves after every block of every pass (the
+        options: an :class:`~sdsx.pruners.sds.SDSOptions`; keywords that name its fields replace
+            them (e.g. ``l1=0.05, dense_iters=40, adjust=False``).
+        engine: an :class:`~sdsx.api.EngineOptions` (device, offload, progress, batch_size,
+            checkpoint_dir, save_activations, blocks, histogram_layer); keywords that name its
+            fields replace them. A checkpointed run saves after every block of every pass (the
             phased schedule's three passes each) and resumes at the first unfinished one.
+        keywords: fields of SDSOptions or EngineOptions (above), and ``early_exit_params`` and
+            ``other_validation`` (below).
+        early_exit_params (keyword): skip the weight adjustment for models with more parameters
+            than this (the paper's early exit above ~3B); ``float("inf")`` never skips.
         validation: calibration sequences held out from phases 2/3 (a count, or a fraction in
             (0, 1)); "auto" (default) holds out 1/8 of them (at least 2) with the interleaved
             schedule when there are at least 8, else none; None or 0 none. Phase 1 still prunes on
@@ -222,18 +231,20 @@ def sds_prune(  # noqa: PLR0913
             weights or phase 1's are kept, and when the adjustment stops (``early_stop``). The
             report's ``blocks`` give the validation hidden-state deviation from the dense model
             after every block for both weight sets (the error over depth).
-        other_validation: validation windows from another domain, added to the held-out ones (for
+        other_validation (keyword): validation windows from another domain, added to the held-out ones (for
             the layer, block and model guards and the block fit's choice of iterate): "self"
             (default) samples as many windows as are held out from the dense model itself (seeded,
             cached); a (n, seqlen) tensor of token ids gives them (e.g. windows of another corpus);
             None adds none. Used only when calibration sequences are held out.
-        blocks: where the decoder blocks are, for a layout sdsx does not know (see :func:`sdsx.prune`).
     Returns:
         An :class:`SDSReport` (None on ranks 1..N-1 of a distributed "parallel" run).
     """
     start = time.perf_counter()
-    if blocks is not None:
-        use_blocks(model, blocks)
+    overrides, given, own = split_keywords(keywords, SDSOptions, EngineOptions, _SDSKeywords)
+    e, k = engine_options(engine, given), _SDSKeywords(**own)
+    checkpoint_dir, histogram_layer, other_validation = e.checkpoint_dir, e.histogram_layer, k.other_validation
+    if e.blocks is not None:
+        use_blocks(model, e.blocks)
     if schedule == "parallel":
         from sdsx.parallel import dist_info, worker
 
@@ -250,12 +261,9 @@ def sds_prune(  # noqa: PLR0913
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     base = options or SDSOptions()
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(SDSOptions)}
-    if unknown:
-        raise TypeError(f"unknown SDS option(s) {sorted(unknown)}; see sdsx.pruners.sds.SDSOptions")
     opts = dataclasses.replace(base, pruner=pruner.lower(), **overrides).validate()
     nparams = sum(p.numel() for p in model.parameters())
-    if opts.adjust and nparams > early_exit_params:
+    if opts.adjust and nparams > k.early_exit_params:
         log.info("SDS: %.2fB parameters > early exit threshold: weight adjustment skipped", nparams / 1e9)
         opts = dataclasses.replace(opts, adjust=False)
     if opts.target == "dense" and schedule != "interleaved":
@@ -268,7 +276,7 @@ def sds_prune(  # noqa: PLR0913
     if opts.target == "dense" and checkpoint_dir is not None:
         raise ValueError("target='dense' cannot be checkpointed yet (its second activation stream is not saved); drop checkpoint_dir")
     spec = SparsitySpec.parse(sparsity)
-    plan = validate(model, calib, spec, need_calib=True, batch_size=batch_size)
+    plan = validate(model, calib, spec, need_calib=True, batch_size=e.batch_size)
     _check_not_sparse(model, spec)
     if validation == "auto":
         validation = auto_validation(sum(b.shape[0] for b in plan.batches), schedule)
@@ -276,7 +284,7 @@ def sds_prune(  # noqa: PLR0913
         raise ValueError(f"validation must be 'auto', a count of calibration sequences, a fraction in (0, 1) or None, got {validation!r}")
     if validation and schedule != "interleaved":
         raise ValueError(f"validation windows run with schedule='interleaved', not {schedule!r}; pass validation=None")
-    plan, held = split_validation(plan, validation, batch_size)
+    plan, held = split_validation(plan, validation, e.batch_size)
     sources = _validation_sources(model, held, other_validation)
     others = [v for k, v in sources.items() if k != "calibration"]
     held_other = torch.cat(others) if others else None
@@ -284,13 +292,13 @@ def sds_prune(  # noqa: PLR0913
     if histogram_layer is None:
         histogram_layer = next(iter(model_linears(model)))
 
-    run_options = dict(opts.to_dict(), schedule=schedule, batch_size=batch_size)
+    run_options = dict(opts.to_dict(), schedule=schedule, batch_size=e.batch_size)
     if held is not None:
         run_options["validation"] = int(held.shape[0])
         if held_other is not None:
             run_options["validation_sources"] = counts
-    checkpoint = open_checkpoint(checkpoint_dir, model, plan, run_options, save_activations)
-    engine = DriverOptions(device=device, offload=offload, progress=progress, batch_size=batch_size)
+    checkpoint = open_checkpoint(checkpoint_dir, model, plan, run_options, e.save_activations)
+    driver_engine = DriverOptions(device=e.device, offload=e.offload, progress=e.progress, batch_size=e.batch_size)
 
     if schedule == "interleaved":
         shared, shared_fit = SharedH(opts), SharedH(opts)
@@ -319,7 +327,7 @@ def sds_prune(  # noqa: PLR0913
             candidates.clear()
             return [("sds", sds_w), ("phase1", p1_w)]
 
-        driver = dataclasses.replace(engine, desc=f"sds-{opts.pruner} {spec}", dense_stream=opts.target == "dense",
+        driver = dataclasses.replace(driver_engine, desc=f"sds-{opts.pruner} {spec}", dense_stream=opts.target == "dense",
                                      deviation=opts.deviation)
         run = PassOptions(checkpoint=checkpoint, pass_name="sds", state=state, validation=held, validation_other=held_other,
                           block_choice=block_choice if (held is not None and opts.block_guard) else None,
@@ -327,15 +335,15 @@ def sds_prune(  # noqa: PLR0913
         result = run_driver(model, plan, layer_fn, driver, run)
         passes = 1
     elif schedule == "phased":
-        result, passes, state = _phased(model, plan, spec, opts, histogram_layer, engine, checkpoint)
+        result, passes, state = _phased(model, plan, spec, opts, histogram_layer, driver_engine, checkpoint)
         phase_errors, kept, snaps = state.phase_errors, state.kept, state.snaps
     else:
-        result, state, par = _parallel(model, plan, spec, opts, histogram_layer, engine, checkpoint)
+        result, state, par = _parallel(model, plan, spec, opts, histogram_layer, driver_engine, checkpoint)
         phase_errors, kept, snaps, passes = state.phase_errors, state.kept, state.snaps, 1
 
     guard = None
     if schedule == "interleaved" and held is not None and opts.model_guard:
-        guard = _model_guard(model, state.phase1, sources, device)
+        guard = _model_guard(model, state.phase1, sources, e.device)
     report = report_from(result, f"sds-{opts.pruner}", spec, run_options)
     if held is not None:
         report.nsamples += int(held.shape[0])

@@ -258,3 +258,19 @@ def test_sparsegpt_error_from_sweep_equals_true_error(pattern, tokens):
     res = sparsegpt(W, H, pattern, percdamp=0.05)
     assert res.loss == pytest.approx(reconstruction_error(W, res.weight, H), rel=1e-5)
     assert math.isnan(sparsegpt(W, H, pattern, report_error=False).loss)
+
+
+def test_engine_options_as_a_dataclass_or_keywords():
+    """sdsx.prune(engine=EngineOptions(...)) and the same fields as keywords give the same weights;
+    an unknown keyword is refused by name before the model is touched."""
+    from sdsx.api import EngineOptions
+
+    a, b = make_tiny("llama"), make_tiny("llama")
+    sdsx.prune(a, tiny_calib(8), "sparsegpt", "2:4", engine=EngineOptions(progress=False, batch_size=2), blocksize=16)
+    sdsx.prune(b, tiny_calib(8), "sparsegpt", "2:4", progress=False, batch_size=2, blocksize=16)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c = make_tiny("llama")
+    before = [p.clone() for p in c.parameters()]
+    with pytest.raises(TypeError, match="unexpected keyword 'ofload'; the keywords: blocksize, percdamp, report_error, device, offload"):
+        sdsx.prune(c, tiny_calib(8), "wanda", "2:4", ofload=False)
+    assert all(torch.equal(p, q) for p, q in zip(before, c.parameters()))

@@ -79,8 +79,10 @@ def test_sds_bad_input_changes_nothing():
         sdsx.sds_prune(model, calib, "2:4", dense_iters=0)
     with pytest.raises(ValueError, match="unknown schedule"):
         sdsx.sds_prune(model, calib, "2:4", schedule="sideways")
-    with pytest.raises(TypeError, match="unknown SDS option"):
+    with pytest.raises(TypeError, match="unexpected keyword 'lambda1'; the keywords: pruner, redense, l1.*device, offload"):
         sdsx.sds_prune(model, calib, "2:4", lambda1=0.1)
+    with pytest.raises(TypeError, match="engine must be an EngineOptions"):
+        sdsx.sds_prune(model, calib, "2:4", engine={"device": "cpu"})
     with pytest.raises(ValueError, match="invalid"):
         sdsx.sds_prune(model, calib, "5:4")
     after = model.state_dict()
