@@ -98,7 +98,7 @@ def tail_costs(opts_kwargs: dict[str, Any] | None = None, tokens: int = 4096, re
     """Seconds of phase 1 (SparseGPT 2:4) and of phases 2/3 (sds_tail) for one layer of each of
     SmolLM2-135M's shapes, on random weights and inputs, in this process (1 thread): the measured
     per-layer costs the 70B plan in docs/distributed.md extrapolates from (by r*c^2 and c^3)."""
-    from sdsx.pruners.sds import SDSOptions, SharedH, prune_once, sds_tail
+    from sdsx.pruners.sds import LayerCall, SDSOptions, SharedH, prune_once, sds_tail
     from sdsx.pruners.spec import SparsitySpec
 
     torch.set_num_threads(1)
@@ -117,7 +117,7 @@ def tail_costs(opts_kwargs: dict[str, Any] | None = None, tokens: int = 4096, re
             t0 = time.perf_counter()
             s1 = prune_once("sparsegpt", W, H, spec, opts, name, sh.factor)
             t1 = time.perf_counter()
-            sds_tail(W, s1, H, spec, opts, name, shared=SharedH(opts))
+            sds_tail(W, s1, H, spec, opts, LayerCall(name, shared=SharedH(opts)))
             t2 = time.perf_counter()
             for _ in range(30):  # the bare GEMMs of phases 2/3, side by side: the overhead factor
                 W @ H

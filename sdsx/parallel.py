@@ -41,7 +41,7 @@ import torch
 
 from sdsx.checkpoint import atomic_save_tensors, fault_point
 from sdsx.pruners.base import PruneResult
-from sdsx.pruners.sds import SDSLayerResult, SDSOptions, SharedH, sds_tail
+from sdsx.pruners.sds import LayerCall, SDSLayerResult, SDSOptions, SharedH, sds_tail
 from sdsx.pruners.spec import SparsitySpec
 
 log = logging.getLogger("sdsx")
@@ -246,7 +246,7 @@ def run_task(store: LayerStore, name: str, spec: SparsitySpec, opts: SDSOptions,
     wall times."""
     t0 = time.time()
     W_d, s1, H = store.read_task(name)
-    res = sds_tail(W_d, s1, H, spec, opts, name, keep_weights, SharedH(opts))
+    res = sds_tail(W_d, s1, H, spec, opts, LayerCall(name, keep_weights, SharedH(opts)))
     t1 = time.time()
     fault_point("task")
     store.write_result(name, res, t1 - t0)

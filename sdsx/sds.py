@@ -38,6 +38,7 @@ from sdsx.model.driver import DriverOptions, PassOptions
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error, registry
 from sdsx.pruners.sds import (
     PHASES,
+    LayerCall,
     LayerProblem,
     SDSOptions,
     SharedH,
@@ -307,8 +308,7 @@ def sds_prune(
         candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this block's (SDS, phase 1) weights
 
         def layer_fn(name: str, W: torch.Tensor, H: torch.Tensor | None, C: torch.Tensor | None = None, split=None) -> PruneResult:
-            res = sds_layer(W, H, spec, opts, name=name, keep_weights=name == histogram_layer, shared=shared, C=C,
-                            split=split, shared_fit=shared_fit)
+            res = sds_layer(W, H, spec, opts, LayerCall(name, name == histogram_layer, shared, shared_fit), C=C, split=split)
             res.errors["final"] = res.result.loss
             phase_errors[name] = res.errors
             if res.kept_phase1:
@@ -523,7 +523,7 @@ def _parallel(model, plan, spec, opts, histogram_layer, engine, checkpoint):
         s1 = PHASES["sparse"].run(LayerProblem(W, H, spec, opts, sh, name, need_loss=True), W, None)
         if owners[name] == 0:
             t0 = time.time()
-            res = sds_tail(W, s1, H, spec, opts, name, name == histogram_layer, sh)
+            res = sds_tail(W, s1, H, spec, opts, LayerCall(name, name == histogram_layer, sh))
             t1 = time.time()
             clock.add(t0, t1)
             if store is not None:

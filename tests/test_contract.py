@@ -296,7 +296,7 @@ def test_fitting_phases_do_not_raise_their_objective(pattern):
 def test_a_registered_phase_runs_in_sds():
     """A new phase is its function and one registration: sds_tail runs it after the others."""
     from sdsx.pruners import PruneResult
-    from sdsx.pruners.sds import Phase, SDSOptions, register_phase, sds_layer
+    from sdsx.pruners.sds import LayerCall, Phase, SDSOptions, register_phase, sds_layer
 
     calls = []
 
@@ -309,7 +309,7 @@ def test_a_registered_phase_runs_in_sds():
     W, H = _problem(13)
     register_phase(Phase("toy", halve_largest, lambda o: True, True, "a test phase"))
     try:
-        res = sds_layer(W, H, "2:4", SDSOptions(block_fit=False, keep_better=False), name="q")
+        res = sds_layer(W, H, "2:4", SDSOptions(block_fit=False, keep_better=False), LayerCall("q"))
     finally:
         del PHASES["toy"]
     assert calls == ["q"] and "toy" in res.errors

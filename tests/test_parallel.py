@@ -18,7 +18,7 @@ import sdsx
 from sdsx.model.blocks import model_linears
 from sdsx.parallel import LayerStore, assign_layers, init_distributed, layer_cost
 from sdsx.pruners import PruneResult
-from sdsx.pruners.sds import SDSOptions, SharedH, sds_layer, sds_tail
+from sdsx.pruners.sds import LayerCall, SDSOptions, SharedH, sds_layer, sds_tail
 
 JOB = Path(__file__).with_name("dist_job.py")
 
@@ -92,7 +92,7 @@ def test_tail_after_phase1_equals_sds_layer():
     from sdsx.pruners.sds import prune_once
 
     s1 = prune_once("sparsegpt", W, H, sdsx.SparsitySpec.parse("2:4"), opts, "layer")
-    tail = sds_tail(W, s1, H, "2:4", opts, shared=SharedH(opts))
+    tail = sds_tail(W, s1, H, "2:4", opts, LayerCall(shared=SharedH(opts)))
     assert torch.equal(whole.result.weight, tail.result.weight)
     assert whole.errors == tail.errors
 

@@ -10,6 +10,7 @@ import torch
 
 from sdsx.pruners import SparsitySpec
 from sdsx.pruners.sds import (
+    LayerProblem,
     SDSOptions,
     adjust,
     damped,
@@ -103,7 +104,7 @@ def test_adjust_keeps_the_pattern_and_lowers_the_error(score):
     from sdsx.ops import nm_mask
 
     start = W_d * nm_mask(W_d.abs(), 2, 4)
-    W, mask = adjust(start, W_d, H, spec, iters=30, score=score)
+    W, mask = adjust(start, LayerProblem.build(W_d, H, spec, SDSOptions(damp=0)), iters=30, score=score)
     assert (mask.reshape(24, -1, 4).sum(-1) == 2).all()
     assert objective(W, W_d, H) < objective(start, W_d, H)
 

@@ -16,7 +16,7 @@ from sdsx.model.blocks import get_weight, model_linears
 from sdsx.model.driver import BlockDriver, hidden_deviation
 from sdsx.pruners import SparsitySpec
 from sdsx.pruners.base import reconstruction_error
-from sdsx.pruners.sds import adjust, lambda_max
+from sdsx.pruners.sds import LayerProblem, SDSOptions, adjust
 
 
 def _plan(n: int = 8, batch: int = 1) -> Plan:
@@ -115,11 +115,11 @@ def test_adjust_early_stop_returns_the_best_validation_iterate():
     H, Hv = X.t() @ X / 40, Xv.t() @ Xv / 40
     start = W_d * sdsx.ops.nm_mask(W_d.abs(), 2, 4)
     history: list[float] = []
-    W, mask = adjust(start, W_d, H, SparsitySpec.parse("2:4"), 15, lam=lambda_max(H), H_val=Hv, history=history)
+    W, mask = adjust(start, LayerProblem.build(W_d, H, "2:4", SDSOptions(damp=0), H_stop=Hv, history=history), 15)
     assert len(history) == 16
     assert reconstruction_error(W_d, W, Hv) == pytest.approx(min(history), rel=1e-6)
     assert bool((W[~mask] == 0).all())
-    last, _ = adjust(start, W_d, H, SparsitySpec.parse("2:4"), 15, lam=lambda_max(H))
+    last, _ = adjust(start, LayerProblem.build(W_d, H, "2:4", SDSOptions(damp=0)), 15)
     assert reconstruction_error(W_d, W, Hv) <= reconstruction_error(W_d, last, Hv) + 1e-6
 
 

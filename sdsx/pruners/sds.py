@@ -332,32 +332,27 @@ class _BestIterate:
         return self.best[1] if self.best is not None else last
 
 
-def adjust(  # noqa: PLR0913
+def adjust(
     W_start: torch.Tensor,
-    W_d: torch.Tensor,
-    H: torch.Tensor,
-    spec: SparsitySpec,
+    p: LayerProblem,
     iters: int,
     reselect: bool = True,
-    lam: float | None = None,
     score: str = "magnitude",
-    shift: torch.Tensor | None = None,
-    H_val: torch.Tensor | None = None,
-    history: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 3's weight adjustment: projected gradient on tr((W - W_d) H (W - W_d)^T) over W with
-    the sparsity pattern, the mask re-selected by magnitude at every iteration (through nm_mask /
-    topk_mask) or kept fixed. ``score`` "activation" ranks |W_ij| sqrt(H_jj) instead of |W_ij|.
+    the pattern ``p.spec``, H the damped ``p.shared.Hd`` (plus the dense-target ``p.shift``), the
+    mask re-selected by magnitude at every iteration (through nm_mask / topk_mask) or kept fixed.
+    ``score`` "activation" ranks |W_ij| sqrt(H_jj) instead of |W_ij|.
 
-    With ``H_val`` (the Gram of held-out inputs) it returns the iterate, the start included, whose
-    error tr(D H_val D^T) is lowest (early stopping on validation); ``history`` then receives every
-    iterate's validation error. Returns (weights, mask)."""
-    W_d = W_d.float()
-    step = 1.0 / lipschitz(H, 0.0, lam)
+    With ``p.H_stop`` (the Gram of held-out inputs) it returns the iterate, the start included,
+    whose error tr(D H_stop D^T) is lowest (early stopping on validation); ``p.history`` then
+    receives every iterate's validation error. Returns (weights, mask)."""
+    W_d, H, spec, shift = p.W_d.float(), p.shared.Hd, p.spec, p.shift
+    step = 1.0 / lipschitz(H, 0.0, p.shared.lam)
     W = W_start.float().clone()
     mask = W != 0
     scale = H.diagonal().clamp_min(0).sqrt().unsqueeze(0) if score == "activation" else None
-    best = _BestIterate(W_d, H_val, history)
+    best = _BestIterate(W_d, p.H_stop, p.history)
     best.offer(W, mask)
     for _ in range(iters):
         G = (W - W_d) @ H if shift is None else torch.addmm(shift, W - W_d, H)
@@ -371,18 +366,15 @@ def adjust(  # noqa: PLR0913
     return best.result(W, mask)
 
 
-def final_adjust(  # noqa: PLR0913
-    W: torch.Tensor, mask: torch.Tensor, W_d: torch.Tensor, H: torch.Tensor, spec: SparsitySpec, opts: SDSOptions,
-    lam: torch.Tensor | float, shift: torch.Tensor | None = None, H_val: torch.Tensor | None = None,
-    history: list[float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 3's weight adjustment as ``opts`` asks: projected gradient with the mask re-selected
-    every iteration (``reselect``, the paper's), else the CG refit on the fixed ``mask``.
-    ``history`` receives the validation errors of the iterates scored on ``H_val``; the returned
-    weights' is its minimum."""
-    if opts.reselect:
-        return adjust(W, W_d, H, spec, opts.adjust_iters, True, lam, opts.adjust_score, shift, H_val, history)
-    return refit(W, W_d, H, mask, opts.adjust_iters, shift, H_val, history), mask
+def final_adjust(W: torch.Tensor, mask: torch.Tensor, p: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 3's weight adjustment of ``W`` (with ``mask``) as ``p.opts`` asks: projected gradient
+    with the mask re-selected every iteration (``reselect``, the paper's), else the CG refit on the
+    fixed ``mask``; on the damped H, early-stopped on ``p.H_stop`` (``p.history`` receives the
+    validation errors of the iterates scored; the returned weights' is its minimum)."""
+    o = p.opts
+    if o.reselect:
+        return adjust(W, p, o.adjust_iters, True, o.adjust_score)
+    return refit(W, p.W_d, p.shared.Hd, mask, o.adjust_iters, p.shift, p.H_stop, p.history), mask
 
 
 def refit(
@@ -471,6 +463,14 @@ class LayerProblem:
     history: list[float] | None = None
     need_loss: bool = False
 
+    @classmethod
+    def build(cls, W_d: torch.Tensor, H: torch.Tensor, spec: SparsitySpec | str | float, opts: SDSOptions | None = None,
+              **fields: Any) -> LayerProblem:
+        """A problem from plain tensors: ``spec`` parsed, ``shared`` computed from ``H`` with
+        ``opts``' damping (``SDSOptions(damp=0)`` fits on H itself), other fields by keyword."""
+        opts = opts or SDSOptions()
+        return cls(W_d.float(), H, SparsitySpec.parse(spec), opts, SharedH(opts)(H), **fields)
+
 
 PhaseFn = Callable[[LayerProblem, torch.Tensor, torch.Tensor], PruneResult]
 
@@ -518,8 +518,7 @@ def _redense_phase(p: LayerProblem, W: torch.Tensor, mask: torch.Tensor | None) 
 
 def _adjust_phase(p: LayerProblem, W: torch.Tensor, mask: torch.Tensor) -> PruneResult:
     """Phase 3's weight adjustment (:func:`final_adjust`), early-stopped on ``H_stop`` if given."""
-    new, new_mask = final_adjust(W.float(), mask.to(p.W_d.device), p.W_d, p.shared.Hd, p.spec, p.opts, p.shared.lam,
-                                 p.shift, p.H_stop, p.history)
+    new, new_mask = final_adjust(W.float(), mask.to(p.W_d.device), p)
     return PruneResult(new, new_mask, float("nan"))
 
 
@@ -534,6 +533,23 @@ def tail_phases(opts: SDSOptions) -> list[Phase]:
     return [p for name, p in PHASES.items() if name != "sparse" and p.enabled(opts)]
 
 
+@dataclass(frozen=True)
+class LayerCall:
+    """How one :func:`sds_layer` / :func:`sds_tail` call runs, beside its tensors.
+
+    name: the linear's qualified name (for messages and the pruner's context).
+    keep_weights: also return a copy of the weights after each phase (the histograms).
+    shared: what the linears with the same H share (pass one :class:`SharedH` for a whole run);
+        None computes everything for this layer alone.
+    shared_fit: the same for the H_fit matrices of a ``split``.
+    """
+
+    name: str = "layer"
+    keep_weights: bool = False
+    shared: SharedH | None = None
+    shared_fit: SharedH | None = None
+
+
 @dataclass
 class SDSLayerResult:
     """The final result plus what each phase did to the layer (errors are tr(D H D^T))."""
@@ -546,51 +562,45 @@ class SDSLayerResult:
 
 
 @exact_fp32()
-def sds_layer(  # noqa: PLR0913
+def sds_layer(
     W_d: torch.Tensor,
     H: torch.Tensor,
     spec: SparsitySpec | str | float,
     opts: SDSOptions = SDSOptions(),
-    name: str = "layer",
-    keep_weights: bool = False,
-    shared: SharedH | None = None,
+    call: LayerCall = LayerCall(),
     C: torch.Tensor | None = None,
     split: tuple[torch.Tensor, torch.Tensor] | None = None,
-    shared_fit: SharedH | None = None,
 ) -> SDSLayerResult:
     """Sparse -> dense -> sparse for one linear layer (weight (out, in), H = X X^T / T).
 
-    ``shared`` carries what linears with the same H share (pass one :class:`SharedH` for a whole
-    run); without it everything is computed for this layer alone. ``C`` (the cross Gram
-    X^T X_d / T) switches phases 2/3 to the dense model's outputs as targets. ``split`` =
-    (H_fit, H_val): phase 1 prunes on H (all calibration windows, so it equals the base pruner),
-    phases 2/3 fit on H_fit alone and the guard compares on H_val (windows they never saw);
-    ``shared_fit`` is the :class:`SharedH` of the H_fit matrices.
+    ``call`` names the layer and carries what linears with the same H share (:class:`LayerCall`).
+    ``C`` (the cross Gram X^T X_d / T) switches phases 2/3 to the dense model's outputs as targets.
+    ``split`` = (H_fit, H_val): phase 1 prunes on H (all calibration windows, so it equals the base
+    pruner), phases 2/3 fit on H_fit alone and the guard compares on H_val (windows they never saw).
     """
     spec = SparsitySpec.parse(spec)
     opts.validate()
     Wd = W_d.float()
     H = H.to(Wd.device).float()
-    sh = (shared or SharedH(opts))(H)
+    sh = (call.shared or SharedH(opts))(H)
     # with held-out windows or a dense target, sds_tail measures phase 1's error itself
-    first = LayerProblem(Wd, H, spec, opts, sh, name, need_loss=split is None and C is None)
+    first = LayerProblem(Wd, H, spec, opts, sh, call.name, need_loss=split is None and C is None)
     s1 = PHASES["sparse"].run(first, Wd, None)
     if split is not None:
         H_fit, H_val = (h.to(Wd.device).float() for h in split)
-        return sds_tail(W_d, s1, H_fit, spec, opts, name, keep_weights, (shared_fit or SharedH(opts))(H_fit), C, H_val)
-    return sds_tail(W_d, s1, H, spec, opts, name, keep_weights, sh, C)
+        fit_call = LayerCall(call.name, call.keep_weights, (call.shared_fit or SharedH(opts))(H_fit))
+        return sds_tail(W_d, s1, H_fit, spec, opts, fit_call, C, H_val)
+    return sds_tail(W_d, s1, H, spec, opts, LayerCall(call.name, call.keep_weights, sh), C)
 
 
 @exact_fp32()
-def sds_tail(  # noqa: PLR0913
+def sds_tail(
     W_d: torch.Tensor,
     s1: PruneResult,
     H: torch.Tensor,
     spec: SparsitySpec | str | float,
     opts: SDSOptions = SDSOptions(),
-    name: str = "layer",
-    keep_weights: bool = False,
-    shared: SharedH | None = None,
+    call: LayerCall = LayerCall(),
     C: torch.Tensor | None = None,
     H_val: torch.Tensor | None = None,
 ) -> SDSLayerResult:
@@ -607,7 +617,8 @@ def sds_tail(  # noqa: PLR0913
     dtype = W_d.dtype
     Wd = W_d.float()
     H = H.to(Wd.device).float()
-    sh = (shared or SharedH(opts))(H)
+    sh = (call.shared or SharedH(opts))(H)
+    name, keep_weights = call.name, call.keep_weights
     s1w = s1.weight.to(Wd.device).float()
     Hv = H_val.to(Wd.device).float() if H_val is not None else None
     shift = dense_target_shift(Wd, H, C.to(Wd.device).float()) if C is not None else None
