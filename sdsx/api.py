@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from sdsx.checkpoint import Checkpoint, fingerprint_calibration, fingerprint_model
+from sdsx.checkpoint import Checkpoint
 from sdsx.defaults import auto_validation
+from sdsx.fingerprint import fingerprint_calibration, fingerprint_model
 from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, use_blocks, vocab_size
 from sdsx.model.driver import BlockDriver, DriverOptions, DriverResult, LayerFn, PassOptions, as_batches
 from sdsx.numerics import exact_fp32

@@ -125,7 +125,7 @@ def _report_dict(report: Any) -> dict | None:
 
 
 def _pattern_of(model: nn.Module) -> str | None:
-    from sdsx.sds import detect_pattern
+    from sdsx.pruners.spec import detect_pattern
 
     found = {detect_pattern(get_weight(m)) for m in model_linears(model).values()}
     return found.pop() if len(found) == 1 else None

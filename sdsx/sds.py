@@ -46,6 +46,7 @@ from sdsx.pruners.sds import (
     sds_tail,
     tail_phases,
 )
+from sdsx.pruners.spec import detect_pattern  # noqa: F401  (re-exported: sdsx.sds.detect_pattern)
 
 log = logging.getLogger("sdsx")
 
@@ -121,20 +122,6 @@ def _histograms(snaps: dict[str, torch.Tensor], bins: int = 201) -> dict[str, An
         "edges": edges.tolist(),
         "counts": {k: torch.histc(v.float().flatten(), bins=bins, min=-lim, max=lim).long().tolist() for k, v in snaps.items()},
     }
-
-
-def detect_pattern(weight: torch.Tensor, threshold: float = 0.25) -> str | None:
-    """The sparsity pattern a weight already has: "n:m" when every group of m along the inputs holds
-    at least m - n zeros (for the common patterns), "unstructured" when at least ``threshold`` of it
-    is exactly zero, else None (dense)."""
-    zeros = weight == 0
-    frac = float(zeros.float().mean())
-    if frac < threshold:
-        return None
-    for n, m in ((1, 4), (2, 4), (4, 8), (2, 8)):
-        if weight.shape[1] % m == 0 and bool((zeros.reshape(weight.shape[0], -1, m).sum(-1) >= m - n).all()):
-            return f"{n}:{m}"
-    return "unstructured"
 
 
 def _check_not_sparse(model: nn.Module, spec: SparsitySpec) -> None:

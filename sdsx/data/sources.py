@@ -67,7 +67,7 @@ def mixed_calibration(
 
 
 def _self_key(model: torch.nn.Module, nsamples: int, seqlen: int, seed: int, temperature: float) -> str:
-    from sdsx.checkpoint import fingerprint_model
+    from sdsx.fingerprint import fingerprint_model
 
     text = f"{fingerprint_model(model)}|{nsamples}|{seqlen}|{seed}|{temperature}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]

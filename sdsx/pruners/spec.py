@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -58,3 +62,17 @@ class SparsitySpec:
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
+
+
+def detect_pattern(weight: torch.Tensor, threshold: float = 0.25) -> str | None:
+    """The sparsity pattern a weight already has: "n:m" when every group of m along the inputs holds
+    at least m - n zeros (for the common patterns), "unstructured" when at least ``threshold`` of it
+    is exactly zero, else None (dense)."""
+    zeros = weight == 0
+    frac = float(zeros.float().mean())
+    if frac < threshold:
+        return None
+    for n, m in ((1, 4), (2, 4), (4, 8), (2, 8)):
+        if weight.shape[1] % m == 0 and bool((zeros.reshape(weight.shape[0], -1, m).sum(-1) >= m - n).all()):
+            return f"{n}:{m}"
+    return "unstructured"
