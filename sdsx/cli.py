@@ -17,8 +17,6 @@ log = logging.getLogger("sdsx")
 
 __all__ = ["CLIError", "main", "build_parser", "load_model", "data_root"]
 
-from sdsx.config import BOS_MODES  # noqa: E402  (torch-free, as is all the CLI imports up front)
-from sdsx.defaults import CALIB_NSAMPLES, CALIB_SEQLEN  # noqa: E402
 from sdsx.job import JobError, load_model  # noqa: E402, F401  (load_model re-exported)
 
 CLIError = JobError  # a user-facing error: printed as one line, exit status 1
@@ -96,12 +94,61 @@ def _method_list(text: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- parser
-def _common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("output and diagnostics")
-    g.add_argument("--device", default=None, help="where to run: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="parameter dtype of the loaded model (default float32; statistics are fp32 anyway)")
-    _diagnostics(g, "hide the progress bars")
+_GROUPS = {
+    "calibration": "calibration", "pruner": "pruner settings", "sds": "SDS settings (method sds only; defaults are sdsx.SDSOptions')",
+    "fit": "block fit (every method: masks fixed, each block's kept weights fitted to the dense model's hidden state; "
+           "defaults are sdsx.SDSOptions')",
+    "evaluation": "evaluation", "engine": "output and diagnostics",
+}
+_KINDS = {"int": int, "float": float, "str": str}
+
+
+def _groups(p: argparse.ArgumentParser, *names: str) -> dict[str, Any]:
+    return {name: p.add_argument_group(_GROUPS[name]) for name in names}
+
+
+def _option_classes() -> tuple[type, ...]:
+    """The dataclasses whose fields carry their flags (sdsx.flags.flag)."""
+    from sdsx.config import CalibrationConfig, EngineConfig, EvalConfig, ModelConfig
+    from sdsx.pruners.sds import SDSOptions
+
+    return (ModelConfig, CalibrationConfig, EvalConfig, EngineConfig, SDSOptions)
+
+
+def _option_flags(groups: dict[str, Any]) -> None:
+    """A flag for every field of the option dataclasses (:func:`_option_classes`) whose metadata
+    gives one (:func:`sdsx.flags.flag`) in one of ``groups``: ``--name-with-dashes`` (its dest the
+    field's name), its help, kind and choices from the metadata, the default from the dataclass
+    (booleans ``--name/--no-name``); an unset flag stays None, so the dataclass's default applies."""
+    for cls in _option_classes():
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if "flag" not in meta or meta["group"] not in groups:
+                continue
+            default, name = getattr(defaults, f.name), meta.get("name") or f.name
+            text = meta["flag"] if default is None else f"{meta['flag']} (default {default})"
+            kw: dict[str, Any] = dict(dest=name, default=None, help=text)
+            kind = meta.get("kind") or ("positive" if isinstance(default, int) else "nonneg" if isinstance(default, float) else "str")
+            if isinstance(default, bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            elif meta.get("choices"):
+                kw["choices"] = meta["choices"]
+            else:
+                kw.update(metavar=meta.get("metavar") or f.name.upper(),
+                          type={"positive": _positive_int, "nonneg": _nonneg_float}.get(kind) or _KINDS[kind])
+            groups[meta["group"]].add_argument("--" + name.replace("_", "-"), **kw)
+
+
+def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` set by their flags (see :func:`_option_flags`)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "flag" in f.metadata:
+            value = getattr(args, f.metadata.get("name") or f.name, None)
+            if value is not None:
+                out[f.name] = value
+    return out
 
 
 def _diagnostics(g: Any, progress_help: str) -> None:
@@ -112,56 +159,16 @@ def _diagnostics(g: Any, progress_help: str) -> None:
     g.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-def _eval_options(p: argparse.ArgumentParser, ppl_help: str) -> None:
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--ppl", metavar="SOURCE", default=None, help=ppl_help)
-    g.add_argument("--ppl-seqlen", type=_positive_int, default=2048, metavar="L",
-                   help="perplexity window in tokens (default 2048, capped at the model's limit; SparseGPT/Wanda protocol)")
-    g.add_argument("--max-windows", type=_positive_int, default=None, metavar="K",
-                   help="score only the first K perplexity windows (a quick check; default all)")
-    g.add_argument("--tasks", default=None, metavar="LIST",
-                   help="zero-shot tasks, comma-separated: piqa, arc_easy, openbook_qa, copa, winogrande, "
-                        "lambada_openai, or 'all'; an entry may also be a path to a .jsonl file (default none)")
-    g.add_argument("--limit", type=_positive_int, default=None, metavar="K",
-                   help="evaluate only the first K items of each zero-shot task (default all)")
-    g.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding <task>.jsonl (default $SDSX_DATA/zeroshot, else ../shared/data/zeroshot next to the checkout)")
-    g.add_argument("--harness", choices=("sdsx", "lm-eval"), default="sdsx",
-                   help="zero-shot evaluator: sdsx's built-in one (default; lm-evaluation-harness's definitions) or "
-                        "lm-evaluation-harness itself on the same task files (needs pip install 'sdsx[lmeval]')")
-    g.add_argument("--bos", choices=BOS_MODES, default="auto",
-                   help="how calibration and perplexity windows and zero-shot contexts start: auto (default): with the "
-                        "tokenizer's BOS token where the tokenizer starts texts with it (Gemma, LLaMA-2, OPT), a window "
-                        "then holding BOS + L-1 text tokens; always: with BOS for any tokenizer; never: windows cut from "
-                        "one token stream (the published SparseGPT/Wanda protocol)")
-    g.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
-                   help="sequences per forward call in zero-shot evaluation (default 8; perplexity runs one window at a time)")
-
-
-def _prune_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib", metavar="SOURCE", default=None,
-                   help="calibration text: a .txt / .jsonl (\"text\" field) / WikiText .raw file, or a hub dataset "
-                        "(c4, wikitext2, ptb; needs network); several, comma-separated, are mixed evenly; 'self' samples "
-                        "the sequences from the dense model itself (seeded, cached). Default: "
-                        "$SDSX_DATA/calib/sotu_1990_2021.txt (State of the Union addresses) when it exists")
-    g.add_argument("--nsamples", type=_positive_int, default=CALIB_NSAMPLES, metavar="N",
-                   help=f"calibration sequences (default {CALIB_NSAMPLES}; the paper uses 128 x 2048 tokens of C4)")
-    g.add_argument("--seqlen", type=_positive_int, default=CALIB_SEQLEN, metavar="L",
-                   help=f"tokens per calibration sequence (default {CALIB_SEQLEN}; the paper uses 2048)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
-    g.add_argument("--blocks", metavar="PATH", default=None,
-                   help="where the decoder blocks are, for a model whose layout sdsx does not know: the dotted attribute "
-                        "path from the model to their nn.ModuleList (e.g. model.layers)")
+def _prune_options(p: argparse.ArgumentParser, ppl_help: str) -> None:
+    """The flags of sdsx prune and sdsx compare beside their own."""
     from sdsx.pruners.sds import SDSOptions
 
-    d = SDSOptions()  # the help shows the library's defaults; unset options are not passed on
-    groups = {"pruner": p.add_argument_group("pruner settings")}
+    groups = _groups(p, "calibration", "pruner", "sds", "fit", "evaluation", "engine")
     groups["pruner"].add_argument(
         "--report-error", action=argparse.BooleanOptionalAction, default=None,
         help="compute every layer's reconstruction error tr(D H D^T) for the report (default: for sparsegpt and "
              "sds, where it costs nothing; wanda and magnitude then skip the full Gram, several times faster)")
-    g = groups["sds"] = p.add_argument_group("SDS settings (method sds only; defaults are sdsx.SDSOptions')")
+    g = groups["sds"]
     g.add_argument("--schedule", choices=("interleaved", "phased", "parallel"), default=None,
                    help="interleaved: sparse, dense, sparse and adjust per block in one calibration pass (default); "
                         "phased: the paper's order, one full pass per phase; parallel: phase 1 block by block, "
@@ -178,34 +185,19 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
                         "sampled from the dense model), none, or a local text file (windows drawn from it)")
     g.add_argument("--early-exit-params", type=float, default=3e9, metavar="P",
                    help="skip the adjustment for models with more than P parameters (the paper's early exit; default 3e9)")
-    g = groups["fit"] = p.add_argument_group("block fit (every method: masks fixed, each block's kept weights fitted to the "
-                                             "dense model's hidden state; defaults are sdsx.SDSOptions')")
-    g.add_argument("--block-fit", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"fit each pruned block to the dense model's hidden state with a few Adam steps, keeping the best "
-                        f"iterate on the validation windows (default for sds: {d.block_fit}; for the other methods: off)")
-    _option_flags(groups, SDSOptions)
+    groups["fit"].add_argument(
+        "--block-fit", action=argparse.BooleanOptionalAction, default=None,
+        help=f"fit each pruned block to the dense model's hidden state with a few Adam steps, keeping the best iterate on "
+             f"the validation windows (default for sds: {SDSOptions().block_fit}; for the other methods: off)")
+    _eval_and_engine(groups, ppl_help)
     _registered_pruner_options(p)
 
 
-def _option_flags(groups: dict[str, Any], cls: type) -> None:
-    """A flag for every field of the options dataclass ``cls`` whose metadata gives one
-    (:func:`sdsx.pruners.sds.flag`): ``--name-with-dashes``, its help and choices from the
-    metadata, the default from the dataclass, booleans as ``--name/--no-name``; unset flags stay
-    None (the library's default applies)."""
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if "flag" not in meta:
-            continue
-        default = getattr(defaults, f.name)
-        kw: dict[str, Any] = dict(dest=f"opt__{f.name}", default=None, help=f"{meta['flag']} (default {default})")
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif meta.get("choices"):
-            kw["choices"] = meta["choices"]
-        else:
-            kw.update(metavar=f.name.upper(), type=_positive_int if isinstance(default, int) else _nonneg_float)
-        groups[meta["group"]].add_argument("--" + f.name.replace("_", "-"), **kw)
+def _eval_and_engine(groups: dict[str, Any], ppl_help: str) -> None:
+    """--ppl (its help is each command's), the generated flags, and the diagnostics."""
+    groups["evaluation"].add_argument("--ppl", metavar="SOURCE", default=None, help=ppl_help)
+    _option_flags(groups)
+    _diagnostics(groups["engine"], "hide the progress bars")
 
 
 def _registered_pruner_options(p: argparse.ArgumentParser) -> None:
@@ -276,10 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", default=None,
                    help="report folder (report.json, report.md, PNG plots); default OUT/report with --out, "
                         "else sdsx-runs/<time>-<model>-<method>-<sparsity>")
-    _prune_options(p)
-    _eval_options(p, "perplexity text: a file (.txt, .jsonl, WikiText .raw) or a hub name (wikitext2, ptb, c4); "
-                     "'none' skips it. Default: $SDSX_DATA/wikitext2/wiki.test.raw when it exists")
-    _common(p)
+    _prune_options(p, "perplexity text: a file (.txt, .jsonl, WikiText .raw) or a hub name (wikitext2, ptb, c4); "
+                      "'none' skips it. Default: $SDSX_DATA/wikitext2/wiki.test.raw when it exists")
 
     p = sub.add_parser(
         "eval", help="evaluate a model: perplexity and zero-shot accuracy",
@@ -288,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m or gemma3-270m, a local model folder (one saved by sdsx prune --out is checked), or a hub name")
     p.add_argument("--report", metavar="DIR", default=None, help="also write report.json and report.md here")
-    _eval_options(p, "perplexity text: a file (.txt, .jsonl, WikiText .raw) or a hub name (wikitext2, ptb, c4); 'none' "
+    _eval_and_engine(_groups(p, "evaluation", "engine"),
+                     "perplexity text: a file (.txt, .jsonl, WikiText .raw) or a hub name (wikitext2, ptb, c4); 'none' "
                      "skips it. Default: the local WikiText-2 test file when no --tasks are given, else none")
-    _common(p)
 
     p = sub.add_parser(
         "compare", help="run several methods on the same calibration and tabulate the results",
@@ -303,9 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default sparsegpt,wanda,sds-sparsegpt; the dense model is always evaluated too")
     p.add_argument("--sparsity", type=_sparsity_list, default=["2:4"], help="comma-separated patterns, e.g. 2:4,4:8,0.5 (default 2:4)")
     p.add_argument("--report", metavar="DIR", default=None, help="report folder (default sdsx-runs/<time>-<model>-compare)")
-    _prune_options(p)
-    _eval_options(p, "perplexity text (see sdsx prune --help); 'none' skips it; default the local WikiText-2 test file")
-    _common(p)
+    _prune_options(p, "perplexity text (see sdsx prune --help); 'none' skips it; default the local WikiText-2 test file")
 
     p = sub.add_parser(
         "run", help="run a job from its configuration file (a saved run's run-config.json, or one written by hand)",
@@ -323,11 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------- model
 # --------------------------------------------------------------------------------------- pruning
-def _sds_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The SDSOptions fields given by their flags (see :func:`_option_flags`)."""
-    return {k[len("opt__"):]: v for k, v in vars(args).items() if k.startswith("opt__") and v is not None}
-
-
 def _validation_arg(args: argparse.Namespace) -> Any:
     text = str(getattr(args, "validation", "auto"))
     if text == "auto":
@@ -356,36 +339,34 @@ def _validation_value(args: argparse.Namespace) -> Any:
 def _method_config(args: argparse.Namespace, method: str, sparsity: str) -> Any:
     """The method section of a run's configuration: ``method`` is sds, sds-<pruner> or a pruner."""
     from sdsx.config import MethodConfig
+    from sdsx.pruners.sds import SDSOptions
 
     default = getattr(args, "pruner", "sparsegpt")  # compare names the pruner in the method (sds-wanda)
     name, pruner = ("sds", method.split("-", 1)[1] if "-" in method else default) if method.startswith("sds") else (method, default)
     return MethodConfig(
         name=name, pruner=pruner, sparsity=sparsity, schedule=getattr(args, "schedule", None),
         validation=_validation_value(args), other_validation=str(getattr(args, "other_validation", "self") or "self"),
-        options=_sds_overrides(args), pruner_options=_pruner_options(args, pruner if name == "sds" else name) or {},
-        block_fit=args.block_fit, report_error=args.report_error, early_exit_params=args.early_exit_params,
+        options=_given(args, SDSOptions), pruner_options=_pruner_options(args, pruner if name == "sds" else name) or {},
+        block_fit=getattr(args, "block_fit", None), report_error=getattr(args, "report_error", None),
+        early_exit_params=getattr(args, "early_exit_params", 3e9),
     )
 
 
-def _eval_config(args: argparse.Namespace) -> Any:
-    from sdsx.config import EvalConfig
-
-    return EvalConfig(ppl=args.ppl, ppl_seqlen=args.ppl_seqlen, max_windows=args.max_windows, tasks=args.tasks, limit=args.limit,
-                      data_dir=args.data_dir, harness=args.harness, batch_size=args.batch_size)
-
-
 def _run_config(args: argparse.Namespace) -> Any:
-    """``sdsx prune``'s flags as a run configuration (sdsx.config.RunConfig)."""
-    from sdsx.config import CalibrationConfig, EngineConfig, ModelConfig, OutputConfig, RunConfig
+    """The flags as a run configuration (sdsx.config.RunConfig); sections without flags in this
+    command keep their defaults."""
+    from sdsx.config import CalibrationConfig, EngineConfig, EvalConfig, ModelConfig, OutputConfig, RunConfig
 
+    sparsity = getattr(args, "sparsity", "2:4")
     return RunConfig(
-        model=ModelConfig(name=args.model, dtype=args.dtype, blocks=args.blocks, bos=args.bos),
-        calibration=CalibrationConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
-        method=_method_config(args, getattr(args, "method", "sds"), args.sparsity if isinstance(args.sparsity, str) else args.sparsity[0]),
-        evaluation=_eval_config(args),
+        model=ModelConfig(name=args.model, **_given(args, ModelConfig)),
+        calibration=CalibrationConfig(**_given(args, CalibrationConfig)),
+        method=_method_config(args, getattr(args, "method", "sds"), sparsity if isinstance(sparsity, str) else sparsity[0]),
+        evaluation=EvalConfig(ppl=args.ppl, **_given(args, EvalConfig)),
         output=OutputConfig(out=getattr(args, "out", None), report=args.report, save_masks=getattr(args, "save_masks", False),
                             overwrite=getattr(args, "overwrite", False)),
-        engine=EngineConfig(device=args.device, progress=not args.no_progress, distributed=args.distributed),
+        engine=EngineConfig(progress=not args.no_progress, distributed=getattr(args, "distributed", False),
+                            **_given(args, EngineConfig)),
     )
 
 
@@ -446,11 +427,8 @@ def _command(args: argparse.Namespace) -> str:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from sdsx.commands import evaluate
-    from sdsx.config import EngineConfig, ModelConfig, OutputConfig, RunConfig
 
-    config = RunConfig(model=ModelConfig(name=args.model, dtype=args.dtype, bos=args.bos), evaluation=_eval_config(args),
-                       output=OutputConfig(report=args.report), engine=EngineConfig(device=args.device, progress=not args.no_progress))
-    result = evaluate(config, command=_command(args))
+    result = evaluate(_run_config(args), command=_command(args))
     _print_table(result.rows)
     if result.zeroshot:
         from sdsx.report import zeroshot_table

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sdsx.defaults import CALIB_NSAMPLES, CALIB_SEQLEN
+from sdsx.flags import flag
 
 __all__ = [
     "CONFIG_NAME", "BOS_MODES", "CalibrationConfig", "EngineConfig", "EvalConfig", "MethodConfig", "ModelConfig", "OutputConfig",
@@ -47,9 +48,16 @@ class ModelConfig:
     """
 
     name: str = "smollm2-135m"
-    dtype: str = "float32"
-    blocks: str | None = None
-    bos: str = "auto"
+    dtype: str = field(default="float32", metadata=flag(
+        "parameter dtype of the loaded model (statistics are fp32 anyway)", "engine", DTYPES))
+    blocks: str | None = field(default=None, metadata=flag(
+        "where the decoder blocks are, for a model whose layout sdsx does not know: the dotted attribute path from "
+        "the model to their nn.ModuleList (e.g. model.layers)", "calibration", kind="str", metavar="PATH"))
+    bos: str = field(default="auto", metadata=flag(
+        "how calibration and perplexity windows and zero-shot contexts start: auto: with the tokenizer's BOS token "
+        "where the tokenizer starts texts with it (Gemma, LLaMA-2, OPT), a window then holding BOS + L-1 text tokens; "
+        "always: with BOS for any tokenizer; never: windows cut from one token stream (the published SparseGPT/Wanda "
+        "protocol)", "evaluation", BOS_MODES))
 
 
 @dataclass
@@ -59,10 +67,16 @@ class CalibrationConfig:
     nsamples, seqlen: windows and tokens per window; seed: which windows.
     """
 
-    source: str | None = None
-    nsamples: int = CALIB_NSAMPLES
-    seqlen: int = CALIB_SEQLEN
-    seed: int = 0
+    source: str | None = field(default=None, metadata=flag(
+        "calibration text: a .txt / .jsonl (\"text\" field) / WikiText .raw file, or a hub dataset (c4, wikitext2, ptb; "
+        "needs network); several, comma-separated, are mixed evenly; 'self' samples the sequences from the dense model "
+        "itself (seeded, cached). Default: $SDSX_DATA/calib/sotu_1990_2021.txt (State of the Union addresses) when it "
+        "exists", "calibration", kind="str", metavar="SOURCE", name="calib"))
+    nsamples: int = field(default=CALIB_NSAMPLES, metadata=flag(
+        "calibration sequences (the paper uses 128 x 2048 tokens of C4)", "calibration", metavar="N"))
+    seqlen: int = field(default=CALIB_SEQLEN, metadata=flag(
+        "tokens per calibration sequence (the paper uses 2048)", "calibration", metavar="L"))
+    seed: int = field(default=0, metadata=flag("seed of the calibration windows", "calibration", kind="int"))
 
 
 @dataclass
@@ -111,13 +125,23 @@ class EvalConfig:
     """
 
     ppl: str | None = None
-    ppl_seqlen: int = 2048
-    max_windows: int | None = None
-    tasks: str | None = None
-    limit: int | None = None
-    data_dir: str | None = None
-    harness: str = "sdsx"
-    batch_size: int = 8
+    ppl_seqlen: int = field(default=2048, metadata=flag(
+        "perplexity window in tokens (capped at the model's limit; SparseGPT/Wanda protocol)", "evaluation", metavar="L"))
+    max_windows: int | None = field(default=None, metadata=flag(
+        "score only the first K perplexity windows (a quick check; default all)", "evaluation", kind="positive", metavar="K"))
+    tasks: str | None = field(default=None, metadata=flag(
+        "zero-shot tasks, comma-separated: piqa, arc_easy, openbook_qa, copa, winogrande, lambada_openai, or 'all'; an "
+        "entry may also be a path to a .jsonl file (default none)", "evaluation", kind="str", metavar="LIST"))
+    limit: int | None = field(default=None, metadata=flag(
+        "evaluate only the first K items of each zero-shot task (default all)", "evaluation", kind="positive", metavar="K"))
+    data_dir: str | None = field(default=None, metadata=flag(
+        "folder holding <task>.jsonl (default $SDSX_DATA/zeroshot, else ../shared/data/zeroshot next to the checkout)",
+        "evaluation", kind="str", metavar="DIR"))
+    harness: str = field(default="sdsx", metadata=flag(
+        "zero-shot evaluator: sdsx's built-in one (lm-evaluation-harness's definitions) or lm-evaluation-harness itself "
+        "on the same task files (needs pip install 'sdsx[lmeval]')", "evaluation", HARNESSES))
+    batch_size: int = field(default=8, metadata=flag(
+        "sequences per forward call in zero-shot evaluation (perplexity runs one window at a time)", "evaluation", metavar="B"))
 
 
 @dataclass
@@ -138,7 +162,8 @@ class EngineConfig:
     """device: cpu, cuda, cuda:N (None: cuda when available); progress: progress bars;
     distributed: spread SDS's phases 2-3 over the ranks of a torchrun launch (needs ``out``)."""
 
-    device: str | None = None
+    device: str | None = field(default=None, metadata=flag(
+        "where to run: cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)", "engine", kind="str"))
     progress: bool = True
     distributed: bool = False
 

@@ -457,23 +457,31 @@ def test_library_and_cli_give_the_same_weights(files, tmp_path, method, extra):
     assert not differ, f"library and CLI differ in {differ[:3]}"
 
 
-def test_sds_flags_come_from_the_options_dataclass():
-    """Every SDSOptions field with flag metadata is a flag of `sdsx prune` with its default in the
-    help, and the given flags reach the options (booleans both ways)."""
+def test_flags_come_from_the_option_dataclasses():
+    """Every field with flag metadata (SDSOptions and the RunConfig sections) is a flag of `sdsx
+    prune` with its default in the help; the given flags reach the configuration (booleans both
+    ways), and unset ones leave the dataclasses' defaults."""
     import dataclasses
 
-    from sdsx.cli import _sds_overrides, build_parser
+    from sdsx.cli import _given, _option_classes, _run_config, build_parser
+    from sdsx.config import ModelConfig, RunConfig
     from sdsx.pruners.sds import SDSOptions
 
     parser = build_parser()
     prune = parser._subparsers._group_actions[0].choices["prune"]
     text = " ".join(prune.format_help().split())
-    flagged = [f for f in dataclasses.fields(SDSOptions) if "flag" in f.metadata]
-    assert len(flagged) >= 20
-    for f in flagged:
-        assert f"--{f.name.replace('_', '-')}" in text, f.name
+    flagged = [(c, f) for c in _option_classes() for f in dataclasses.fields(c) if "flag" in f.metadata]
+    assert len(flagged) >= 35
+    for cls, f in flagged:
+        name = f.metadata.get("name") or f.name
+        assert f"--{name.replace('_', '-')}" in text, f"{cls.__name__}.{f.name}"
     args = parser.parse_args(["prune", "m", "--reselect", "--no-keep-better", "--dense-iters", "3", "--target", "dense",
-                              "--block-lr", "1e-3", "--percdamp", "0.05"])
-    assert _sds_overrides(args) == {"reselect": True, "keep_better": False, "dense_iters": 3, "target": "dense",
-                                    "block_lr": 1e-3, "percdamp": 0.05}
-    assert _sds_overrides(parser.parse_args(["prune", "m"])) == {}
+                              "--block-lr", "1e-3", "--percdamp", "0.05", "--calib", "c.txt", "--nsamples", "8",
+                              "--bos", "never", "--limit", "5", "--device", "cpu"])
+    assert _given(args, SDSOptions) == {"reselect": True, "keep_better": False, "dense_iters": 3, "target": "dense",
+                                        "block_lr": 1e-3, "percdamp": 0.05}
+    config = _run_config(args)
+    assert (config.calibration.source, config.calibration.nsamples, config.calibration.seqlen) == ("c.txt", 8, 512)
+    assert (config.model.bos, config.evaluation.limit, config.engine.device) == ("never", 5, "cpu")
+    plain = _run_config(parser.parse_args(["prune", "m"]))
+    assert plain.to_dict() == RunConfig(model=ModelConfig(name="m")).to_dict()

@@ -46,7 +46,7 @@ def test_ruff_passes():
 
 # Layers, lowest first: a module imports only from its own layer or below (longest prefix decides).
 LAYERS = [
-    ("sdsx.numerics", "sdsx.fingerprint", "sdsx.defaults", "sdsx.data.paths"),
+    ("sdsx.numerics", "sdsx.fingerprint", "sdsx.defaults", "sdsx.flags", "sdsx.data.paths"),
     ("sdsx._ext", "sdsx._C", "sdsx.ops", "sdsx.stats"),
     ("sdsx.pruners",),  # the pure tensor functions
     ("sdsx.data", "sdsx.checkpoint"),

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from sdsx import ops
+from sdsx.flags import flag
 from sdsx.numerics import exact_fp32
 from sdsx.pruners import registry
 from sdsx.pruners.base import PruneResult, apply_mask, reconstruction_error
@@ -39,13 +40,6 @@ from sdsx.pruners.spec import SparsitySpec
 ADJUST_SCORES = ("magnitude", "activation")
 SHARED_PRUNER_FIELDS = ("blocksize", "percdamp")  # SDSOptions fields passed on to the pruner's options
 TARGETS = ("pruned", "dense")
-
-
-def flag(text: str, group: str = "sds", choices: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Field metadata that gives an option its command-line flag (``--name-with-dashes``, the default
-    read from the field): ``text`` is its help, ``group`` its section of ``--help`` ("pruner",
-    "sds" or "fit"), ``choices`` its allowed values."""
-    return {"flag": text, "group": group, "choices": choices}
 
 
 @dataclass(frozen=True)
