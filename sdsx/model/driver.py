@@ -12,29 +12,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from sdsx.checkpoint import fault_point
 from sdsx.engine.accounting import Memory, module_bytes, nbytes
 from sdsx.engine.capture import Captured, as_batches, clean_arguments, pass_through
 from sdsx.engine.fit import balanced_weights, dense_targets, fit_kept_weights
 from sdsx.engine.guard import guard_block
+from sdsx.engine.passes import Accumulators, PassOptions, PassState
 from sdsx.engine.records import BlockState, DriverResult, LayerRecord  # re-exported (sdsx.model.driver.DriverResult ...)
 from sdsx.engine.resume import BlockResume
 from sdsx.engine.runner import BlockRunner, BlockView
-from sdsx.engine.streams import BlockChoice, Streams, ValidationStream, hidden_deviation
-from sdsx.model.blocks import find_blocks, find_linears, get_weight, in_features, layer_kinds, set_weight
+from sdsx.engine.solve import LayerFn, solve_block
+from sdsx.engine.statistics import StatsSettings, block_statistics
+from sdsx.engine.streams import BlockChoice, ValidationStream, hidden_deviation
+from sdsx.model.blocks import find_blocks, find_linears, in_features, layer_kinds
 from sdsx.numerics import all_finite
-from sdsx.pruners.base import PruneResult
-from sdsx.pruners.blockfit import DEVIATIONS, BlockFitOptions, BlockFitRecord, visited
+from sdsx.pruners.blockfit import DEVIATIONS, BlockFitRecord, visited
 from sdsx.stats import GramAccumulator
 
 if TYPE_CHECKING:
-    from sdsx.checkpoint import Checkpoint
+    pass
 
 log = logging.getLogger("sdsx")
 
@@ -42,13 +43,6 @@ __all__ = [
     "BlockChoice", "BlockDriver", "BlockState", "DriverOptions", "DriverResult", "LayerRecord", "LayerFn", "PassOptions", "STAT_KINDS",
     "as_batches", "hidden_deviation",
 ]
-
-#: ``layer_fn(qualified_name, weight (out, in) on the compute device, H or None) -> PruneResult``;
-#: H is the (in, in) Gram matrix X X^T / T, or its diagonal (in,) with ``stats="diag"``, or None
-#: with ``stats="none"``. Linears that read the same input tensor receive the *same* H object, so
-#: a layer function may cache work keyed on it (e.g. a factorization). Returning None leaves the
-#: layer unchanged.
-LayerFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], "PruneResult | None"]
 
 STAT_KINDS = ("full", "diag", "none")
 
@@ -69,20 +63,6 @@ class DriverOptions:
     deviation: str = "balanced"
 
 
-@dataclass(frozen=True, eq=False)
-class PassOptions:
-    """One pass of :meth:`BlockDriver.run` over the blocks; each field is described there."""
-
-    checkpoint: "Checkpoint | None" = None
-    pass_name: str = "prune"
-    state: BlockState | None = None
-    after_block: Callable[[int], None] | None = None
-    validation: torch.Tensor | Sequence[torch.Tensor] | None = None
-    block_choice: BlockChoice | None = None
-    block_fit: BlockFitOptions | None = None
-    validation_other: torch.Tensor | Sequence[torch.Tensor] | None = None
-
-
 def with_overrides(cls: type, given: Any, overrides: dict[str, Any]) -> Any:
     """``given`` (an instance of the options dataclass ``cls``, or None for its defaults) with the
     fields in ``overrides`` replaced; an unknown field is refused, naming the known ones."""
@@ -93,40 +73,6 @@ def with_overrides(cls: type, given: Any, overrides: dict[str, Any]) -> Any:
     if given is not None and not isinstance(given, cls):
         raise TypeError(f"options must be a {cls.__name__}, got {type(given).__name__}")
     return dataclasses.replace(given or cls(), **overrides)
-
-
-@dataclass
-class _Pass:
-    """One pass's live state, shared by the steps of the block loop."""
-
-    options: PassOptions
-    result: DriverResult
-    memory: Memory
-    start: float
-    streams: Streams = field(default_factory=Streams)
-    arguments: dict[tuple, tuple] = field(default_factory=dict)
-    first: int = 0
-    prior_total: float = 0.0
-
-
-@dataclass
-class _Accumulators:
-    """One block's statistics accumulators, keyed by linear name (the cross Grams by the
-    accumulator's id): calibration, held-out calibration and other-domain validation windows."""
-
-    calib: dict[str, Any] = field(default_factory=dict)
-    crosses: dict[int, Any] = field(default_factory=dict)
-    val: dict[str, Any] = field(default_factory=dict)
-    other: dict[str, Any] = field(default_factory=dict)
-
-    def all(self) -> list[Any]:
-        """Every distinct accumulator (linears that share an input share one)."""
-        return list({id(a): a for d in (self.calib, self.val, self.other) for a in d.values()}.values())
-
-    def clear(self) -> None:
-        self.calib.clear()
-        self.val.clear()
-        self.other.clear()
 
 
 class BlockDriver:
@@ -189,6 +135,7 @@ class BlockDriver:
         self.runner = BlockRunner(self.device, self.kinds)
         self.accumulator = accumulator or (lambda columns, device, diag: GramAccumulator(columns, device=device, diag_only=diag))
         self.share_inputs = share_inputs
+        self.settings = StatsSettings(self.runner, stats, self.accumulator, share_inputs, self.store_device)
         if dense_stream and stats != "full":
             raise ValueError("dense_stream needs stats='full'")
         self.dense_stream = dense_stream
@@ -291,128 +238,6 @@ class BlockDriver:
     def _call(self, block: nn.Module, x: torch.Tensor, arguments: dict[tuple, tuple]) -> torch.Tensor:
         return self.runner.call(block, x, arguments)
 
-    def _statistics(
-        self,
-        block: nn.Module,
-        linears: dict[str, nn.Module],
-        buffer: list[torch.Tensor],
-        p: _Pass,
-        crosses: dict[int, Any] | None = None,
-        outputs: list[torch.Tensor] | None = None,
-    ) -> dict[str, Any]:
-        """One pass of the calibration batches through ``block`` with hooks on its linears.
-
-        Linears that read the same input tensor share one accumulator, so the X X^T GEMM is done
-        once per distinct input (q/k/v, gate/up). With ``crosses`` (keyed by the accumulator's id),
-        each batch first runs through the (still dense) block on the pass's dense stream, which
-        records every linear's dense input and advances the stream, and ``crosses`` gets the cross
-        Gram of each distinct input. ``outputs``, when given, receives the (dense) block's
-        output on every batch: the block fit's local targets, at no extra forward pass.
-        """
-        from sdsx.stats import CrossGram
-
-        arguments, result, memory = p.arguments, p.result, p.memory
-        dense = p.streams.dense if crosses is not None else None
-        dense_inputs: dict[str, torch.Tensor] = {}
-        acc_of: dict[str, Any] = {}
-        seen: dict[tuple, tuple[torch.Tensor, Any]] = {}
-        updated: set[int] = set()
-        hook_time = [0.0]
-        diag = self.stats == "diag"
-
-        def make_hook(name: str, module: nn.Module) -> Callable:
-            columns = in_features(module)
-
-            def hook(mod: nn.Module, inputs: tuple, output: Any) -> None:
-                if dense_pass[0]:
-                    return
-                t0 = self._now()
-                x = inputs[0]
-                # The tensor itself is kept in `seen` until the call ends, so its address cannot
-                # be reused by another tensor of the same shape within the call.
-                key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
-                if not self.share_inputs:
-                    key = key + (name,)
-                hit = seen.get(key)
-                if hit is not None:
-                    shared = hit[1]
-                    mine = acc_of.setdefault(name, shared)
-                    if mine is not shared:
-                        raise RuntimeError(
-                            f"{name}: the linear layers of this block share inputs differently from "
-                            "one calibration batch to the next; sdsx cannot group their statistics"
-                        )
-                else:
-                    acc = acc_of.get(name)
-                    if acc is None:
-                        acc = self.accumulator(columns, self.device, diag)
-                        acc_of[name] = acc
-                        memory.add(nbytes(vars(acc)))
-                    elif id(acc) in updated:
-                        raise RuntimeError(
-                            f"{name}: the linear layers of this block share inputs differently from "
-                            "one calibration batch to the next; sdsx cannot group their statistics"
-                        )
-                    acc.update(x)
-                    if dense is not None:
-                        cross = crosses.get(id(acc))
-                        if cross is None:
-                            cross = crosses[id(acc)] = CrossGram(columns, self.device)
-                            memory.add(nbytes(cross.sum))
-                        cross.update(x, dense_inputs[name])
-                    updated.add(id(acc))
-                    seen[key] = (x, acc)
-                hook_time[0] += self._now() - t0
-
-            return hook
-
-        dense_pass = [False]  # True while a batch runs through the block on the dense stream
-
-        def make_recorder(name: str) -> Callable:
-            def record(mod: nn.Module, inputs: tuple, output: Any) -> None:
-                if dense_pass[0]:
-                    dense_inputs[name] = inputs[0].detach().clone()
-
-            return record
-
-        handles = [m.register_forward_hook(make_hook(n, m)) for n, m in linears.items()]
-        if dense is not None:
-            handles += [m.register_forward_hook(make_recorder(n)) for n, m in linears.items()]
-        try:
-            for number, x in enumerate(buffer):
-                if dense is not None:
-                    t0 = self._now()
-                    dense_pass[0] = True
-                    try:
-                        dense[number].copy_(self._call(block, dense[number].to(self.device), arguments))
-                    finally:
-                        dense_pass[0] = False
-                    result.forward_s += self._now() - t0
-                t0 = self._now()
-                hook_before = hook_time[0]
-                out = self._call(block, x.to(self.device), arguments)
-                if outputs is not None:
-                    outputs.append(out.to(self.store_device))
-                del out
-                seen.clear()
-                updated.clear()
-                wall = self._now() - t0
-                hooks = hook_time[0] - hook_before
-                result.forward_s += wall - hooks
-                result.stats_s += hooks
-                dense_inputs.clear()
-        finally:
-            for h in handles:
-                h.remove()
-            seen.clear()
-        missing = [n for n in linears if n not in acc_of]
-        if missing:
-            raise RuntimeError(
-                f"linear layers {missing} were never called during the block's forward pass, so they "
-                "have no calibration statistics"
-            )
-        return acc_of
-
     def _propagate(self, block: nn.Module, buffer: list[torch.Tensor], arguments: dict, result: DriverResult, index: int = -1) -> None:
         """Replace every batch in ``buffer`` with the block's output on it (each batch depends
         only on itself, so the buffer is overwritten in place: no second buffer)."""
@@ -468,7 +293,7 @@ class BlockDriver:
         """
         o = with_overrides(PassOptions, options, overrides)
         result = DriverResult(device=str(self.device))
-        p = _Pass(o, result, Memory(), self._now())
+        p = PassState(o, result, Memory(), self._now())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.dense_stream and o.checkpoint is not None:
@@ -504,7 +329,7 @@ class BlockDriver:
             result.cuda_peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
         return result
 
-    def _open_streams(self, calib: torch.Tensor | Sequence[torch.Tensor] | None, p: _Pass) -> None:
+    def _open_streams(self, calib: torch.Tensor | Sequence[torch.Tensor] | None, p: PassState) -> None:
         """Capture block 0's inputs of the calibration (and validation) windows into ``p.streams``
         and, for a resumed pass, bring them to the first unfinished block."""
         o, result, memory, streams = p.options, p.result, p.memory, p.streams
@@ -558,7 +383,7 @@ class BlockDriver:
         self._propagate(block, buffer, arguments, result, index)
         block.to(home)
 
-    def _blocks(self, p: _Pass, layer_fn: LayerFn) -> None:
+    def _blocks(self, p: PassState, layer_fn: LayerFn) -> None:
         """The block loop: statistics, solve, guard and fit, propagation, save, for every block
         from ``p.first`` on."""
         from tqdm.auto import tqdm
@@ -578,15 +403,15 @@ class BlockDriver:
                 memory.add(block_bytes)
                 linears = find_linears(block, prefix=f"{self.path}.{index}")
                 try:
-                    acc = _Accumulators()
+                    acc = Accumulators()
                     # the block fit's local targets are the statistics pass's own outputs (the fit runs with stats="full")
                     local = [] if (block_fit is not None and block_fit.target == "local") else None
                     if self.stats != "none":
-                        acc.calib = self._statistics(block, linears, buffer, p, acc.crosses if dense is not None else None, local)
+                        acc.calib = block_statistics(self.settings, block, linears, buffer, p, acc.crosses if dense is not None else None, local)
                     if val is not None:
-                        acc.val = self._statistics(block, linears, val.pruned[: val.calib], p)
+                        acc.val = block_statistics(self.settings, block, linears, val.pruned[: val.calib], p)
                         if val.calib < len(val.pruned):  # another domain's windows: validate, stay out of H
-                            acc.other = self._statistics(block, linears, val.pruned[val.calib :], p)
+                            acc.other = block_statistics(self.settings, block, linears, val.pruned[val.calib :], p)
                         t0 = self._now()
                         for x in val.dense:  # the dense model's hidden state after this block
                             x.copy_(self._call(block, x.to(self.device), arguments))
@@ -594,7 +419,7 @@ class BlockDriver:
                     view = BlockView(index, block, linears, arguments, f"{self.path}.{index}.")
                     targets = local if local is not None else dense_targets(self.runner, view, buffer, result, block_fit, dense, fit_dense)
                     weight = balanced_weights(self.deviation, targets, val, self.device)
-                    self._solve(index, linears, layer_fn, p, acc)
+                    solve_block(self.runner, index, linears, layer_fn, p, acc)
                     for a in acc.all():
                         memory.sub(nbytes(vars(a)))
                     acc.clear()
@@ -659,76 +484,3 @@ class BlockDriver:
             f"({len(buffer)} batches of {tuple(buffer[0].shape) if buffer else ()}), the widest Gram matrix "
             f"{widest * widest * 4 / mib:.1f} MiB; try: " + "; ".join(hints) + f" ({exc})"
         )
-
-    def _solve(self, index: int, linears: dict[str, nn.Module], layer_fn: LayerFn, p: _Pass, acc: _Accumulators) -> None:
-        """Call ``layer_fn`` on every linear of block ``index`` with its finalized statistics and
-        write the results back, recording each layer."""
-        result, memory = p.result, p.memory
-        accs, crosses, vaccs, oaccs = acc.calib, acc.crosses, acc.val, acc.other
-        finalized: dict[int, torch.Tensor] = {}
-        cross_final: dict[int, torch.Tensor] = {}
-        splits: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        try:
-            for name, module in linears.items():
-                H = None
-                acc = accs.get(name)
-                if acc is not None:
-                    H = finalized.get(id(acc))
-                    if H is None:
-                        t0 = self._now()
-                        try:
-                            H = finalized[id(acc)] = acc.finalize()
-                        except FloatingPointError as exc:
-                            raise FloatingPointError(f"{name}: {exc}; they come from the block's input or its own computation") from exc
-                        memory.add(nbytes(H))
-                        result.stats_s += self._now() - t0
-                split = None
-                if vaccs:
-                    split_all = splits.get(id(acc))
-                    if split_all is None:
-                        t0 = self._now()
-                        vacc, other = vaccs[name], (oaccs or {}).get(name)
-                        Hv = vacc.finalize()
-                        # H over all calibration windows, so that phase 1 / a base pruner sees all of it
-                        H_all = (H * acc.tokens + Hv * vacc.tokens) / (acc.tokens + vacc.tokens)
-                        if other is not None:  # another domain's windows validate, with equal weight per token
-                            Hv = (Hv * vacc.tokens + other.finalize() * other.tokens) / (vacc.tokens + other.tokens)
-                        split_all = splits[id(acc)] = (H_all, H, Hv)
-                        memory.add(nbytes(H_all) + nbytes(Hv))
-                        result.stats_s += self._now() - t0
-                    H, split = split_all[0], split_all[1:]
-                weight = get_weight(module)
-                if not all_finite(weight):
-                    raise FloatingPointError(f"{name}: the weight holds NaN/Inf before pruning; the model is damaged")
-                fault_point("layer")
-                t0 = self._now()
-                if crosses:
-                    C = cross_final.get(id(acc))
-                    if C is None:
-                        C = cross_final[id(acc)] = crosses[id(acc)].finalize()
-                    out = layer_fn(name, weight, H, C) if split is None else layer_fn(name, weight, H, C, split=split)
-                elif split is not None:
-                    out = layer_fn(name, weight, H, split=split)
-                else:
-                    out = layer_fn(name, weight, H)
-                if out is not None:
-                    if not all_finite(out.weight):
-                        raise FloatingPointError(f"{name}: the pruned weight holds NaN/Inf; the layer's statistics are degenerate")
-                    memory.add(nbytes(tuple(out)))
-                    set_weight(module, out.weight)
-                    memory.sub(nbytes(tuple(out)))
-                seconds = self._now() - t0
-                result.solver_s += seconds
-                if out is None:
-                    pruned, loss = 0, float("nan")
-                else:
-                    pruned, loss = int(out.mask.numel() - out.mask.sum()), float(out.loss)
-                rows, cols = weight.shape
-                result.layers.append(LayerRecord(name, (int(rows), int(cols)), pruned, weight.numel(), loss, seconds, index))
-        finally:
-            memory.sub(sum(nbytes(h) for h in finalized.values()))
-            memory.sub(sum(nbytes(s[0]) + nbytes(s[2]) for s in splits.values()))
-            if crosses:
-                memory.sub(sum(nbytes(c.sum) for c in crosses.values()))
-                crosses.clear()
-
