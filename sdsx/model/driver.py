@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sdsx.engine.accounting import Memory, module_bytes, nbytes
-from sdsx.engine.capture import Captured, as_batches, clean_arguments, pass_through
+from sdsx.engine.capture import CaptureTarget, as_batches, capture_inputs
 from sdsx.engine.fit import balanced_weights, dense_targets, fit_kept_weights
 from sdsx.engine.guard import guard_block
 from sdsx.engine.passes import Accumulators, PassOptions, PassState
@@ -145,91 +145,10 @@ class BlockDriver:
         return self.runner.now()
 
     # ------------------------------------------------------------------ capture
-    def _move_outside_blocks(self, device: torch.device) -> list[tuple]:
-        """Move every parameter and buffer that is not inside a block (embeddings, rotary tables,
-        final norm, head) to ``device``; return what moved so that it can be put back."""
-        inside = {id(m) for m in self.blocks.modules()}
-        moved: list[tuple] = []
-        for module in self.model.modules():
-            if id(module) in inside:
-                continue
-            for p in module._parameters.values():
-                if p is not None and p.device != device:
-                    moved.append(("param", p, p.device))
-                    p.data = p.data.to(device)
-            for name, b in module._buffers.items():
-                if b is not None and b.device != device:
-                    moved.append(("buffer", (module, name), b.device))
-                    module._buffers[name] = b.to(device)
-        return moved
-
-    @staticmethod
-    def _restore(moved: list[tuple]) -> None:
-        for kind, obj, device in reversed(moved):
-            if kind == "param":
-                obj.data = obj.data.to(device)
-            else:
-                module, name = obj
-                module._buffers[name] = module._buffers[name].to(device)
-
     def capture(self, batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], dict[tuple, tuple]]:
-        """Run the model up to block 0 for every batch (for a model that mixes attention kinds, up to
-        the first block of every kind, the blocks before it passing their input through unchanged).
-
-        Returns:
-            (hidden-state inputs of block 0, one (b, L, hidden) tensor per batch on the store
-            device; {input shape: (extra positional args, keyword args)} the model passes to block
-            0, and {(kind, input shape): ...} to the blocks of each kind, with KV caches removed).
-        """
-        inputs: list[torch.Tensor] = []
-        arguments: dict[tuple, tuple] = {}
-        firsts: dict[int, str] = {}  # block index -> its kind, for the first block of every kind
-        for index, block in enumerate(self.blocks):
-            kind = self.kinds[id(block)]
-            if kind is not None and kind not in firsts.values():
-                firsts[index] = kind
-        last = max(firsts, default=0)
-        shape: list[tuple] = []  # block 0's input shape in this batch
-
-        def make_pre_hook(index: int) -> Callable:
-            def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                kwargs = dict(kwargs)
-                if args:
-                    hidden, rest = args[0], args[1:]
-                else:
-                    hidden, rest = kwargs.pop("hidden_states"), ()
-                if index == 0:
-                    inputs.append(hidden.detach().to(self.store_device, copy=hidden.device == self.store_device))
-                    shape[:] = [tuple(hidden.shape)]
-                    arguments.setdefault(shape[0], (clean_arguments(rest), clean_arguments(kwargs)))
-                if index in firsts:
-                    arguments.setdefault((firsts[index], shape[0]), (clean_arguments(rest), clean_arguments(kwargs)))
-                if index == last:
-                    raise Captured
-
-            return pre_hook
-
-        handles = [self.blocks[i].register_forward_pre_hook(make_pre_hook(i), with_kwargs=True) for i in sorted({0, *firsts})]
-        for block in self.blocks[:last]:
-            block.forward = pass_through  # an instance attribute: nn.Module.__call__ runs it instead
-        moved = self._move_outside_blocks(self.device)
-        try:
-            for ids in batches:
-                try:
-                    self.model(input_ids=ids.to(self.device), use_cache=False)
-                except Captured:
-                    continue
-                raise RuntimeError(
-                    f"{type(self.model).__name__} returned without calling its first decoder block "
-                    f"({self.path}.0); sdsx cannot capture the block inputs of this model"
-                )
-        finally:
-            for handle in handles:
-                handle.remove()
-            for block in self.blocks[:last]:
-                del block.forward
-            self._restore(moved)
-        return inputs, arguments
+        """Block 0's inputs and the arguments the model passes its blocks, for every batch
+        (:func:`sdsx.engine.capture.capture_inputs`)."""
+        return capture_inputs(CaptureTarget(self.model, self.blocks, self.path, self.kinds), batches, self.device, self.store_device)
 
     # ------------------------------------------------------------------ one block
     def _arguments(self, block: nn.Module, x: torch.Tensor, arguments: dict[tuple, tuple]) -> tuple:
