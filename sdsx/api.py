@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -20,7 +20,7 @@ from sdsx.checkpoint import Checkpoint
 from sdsx.defaults import auto_validation
 from sdsx.fingerprint import fingerprint_calibration, fingerprint_model
 from sdsx.model.blocks import find_blocks, find_linears, in_features, max_positions, use_blocks, vocab_size
-from sdsx.model.driver import BlockDriver, DriverOptions, DriverResult, LayerFn, PassOptions, as_batches
+from sdsx.model.driver import BlockDriver, DriverOptions, DriverResult, LayerFn, PassOptions, as_batches, with_overrides
 from sdsx.numerics import exact_fp32
 from sdsx.pruners import PruneResult, SparsitySpec, registry
 from sdsx.pruners.blockfit import BlockFitOptions, as_block_fit
@@ -80,13 +80,6 @@ def split_keywords(keywords: dict[str, Any], *classes: type) -> list[dict[str, A
             raise TypeError(f"unexpected keyword {key!r}; the keywords: {names}")
         parts[where][key] = value
     return parts
-
-
-def engine_options(engine: EngineOptions | None, given: dict[str, Any]) -> EngineOptions:
-    """``engine`` (or the defaults) with the fields in ``given`` replaced."""
-    if engine is not None and not isinstance(engine, EngineOptions):
-        raise TypeError(f"engine must be an EngineOptions, got {type(engine).__name__}")
-    return replace(engine or EngineOptions(), **given)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -469,7 +462,7 @@ def prune(
     own, given = split_keywords(keywords, _PruneKeywords, EngineOptions)
     k = _PruneKeywords(**own)
     blocksize, percdamp, report_error = k.blocksize, k.percdamp, k.report_error
-    e = engine_options(engine, given)
+    e = with_overrides(EngineOptions, engine, given, "engine")
     device, offload, progress, batch_size = e.device, e.offload, e.progress, e.batch_size
     if e.blocks is not None:
         use_blocks(model, e.blocks)

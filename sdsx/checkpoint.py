@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
-from sdsx.fingerprint import fingerprint_calibration, fingerprint_model  # noqa: F401  (re-exported)
+from sdsx.fingerprint import CHUNK_BYTES, fingerprint_calibration, fingerprint_model  # the latter two re-exported
 
 log = logging.getLogger("sdsx")
 
@@ -48,7 +48,6 @@ FORMAT_VERSION = 1
 #: with ``save_activations=None`` the next block's inputs are stored when at most this large, else
 #: recomputed on resume by re-running the finished blocks
 ACTIVATIONS_AUTO_BYTES = 2 << 30
-_CHUNK = 16 << 20
 
 
 class CheckpointMismatch(ValueError):
@@ -83,7 +82,7 @@ def fault_point(event: str) -> None:
 def _file_sha(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
+        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
             h.update(chunk)
     return h.hexdigest()
 

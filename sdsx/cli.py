@@ -100,7 +100,7 @@ _GROUPS = {
            "defaults are sdsx.SDSOptions')",
     "evaluation": "evaluation", "engine": "output and diagnostics",
 }
-_KINDS = {"int": int, "float": float, "str": str}
+_KIND_TYPES = {"positive": _positive_int, "int": int, "nonneg": _nonneg_float, "float": float, "str": str}  # sdsx.flags.KINDS
 
 
 def _groups(p: argparse.ArgumentParser, *names: str) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def _option_flags(groups: dict[str, Any]) -> None:
                 kw["choices"] = meta["choices"]
             else:
                 kw.update(metavar=meta.get("metavar") or f.name.upper(),
-                          type={"positive": _positive_int, "nonneg": _nonneg_float}.get(kind) or _KINDS[kind])
+                          type=_KIND_TYPES[kind])
             groups[meta["group"]].add_argument("--" + name.replace("_", "-"), **kw)
 
 
@@ -348,7 +348,7 @@ def _method_config(args: argparse.Namespace, method: str, sparsity: str) -> Any:
         validation=_validation_value(args), other_validation=str(getattr(args, "other_validation", "self") or "self"),
         options=_given(args, SDSOptions), pruner_options=_pruner_options(args, pruner if name == "sds" else name) or {},
         block_fit=getattr(args, "block_fit", None), report_error=getattr(args, "report_error", None),
-        early_exit_params=getattr(args, "early_exit_params", 3e9),
+        early_exit_params=getattr(args, "early_exit_params", MethodConfig.early_exit_params),
     )
 
 

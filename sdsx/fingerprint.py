@@ -9,9 +9,9 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["fingerprint_calibration", "fingerprint_model"]
+__all__ = ["CHUNK_BYTES", "fingerprint_calibration", "fingerprint_model"]
 
-_CHUNK = 1 << 24  # bytes hashed per update
+CHUNK_BYTES = 16 << 20  # bytes hashed per update (also by sdsx.checkpoint)
 
 
 def _hash_tensor(h: Any, t: torch.Tensor) -> None:
@@ -20,7 +20,7 @@ def _hash_tensor(h: Any, t: torch.Tensor) -> None:
     if t.numel() == 0:
         return
     flat = t.contiguous().reshape(-1).cpu()
-    step = max(1, _CHUNK // flat.element_size())
+    step = max(1, CHUNK_BYTES // flat.element_size())
     for start in range(0, flat.numel(), step):
         chunk = flat[start : start + step]
         h.update((chunk.view(torch.uint8) if chunk.dtype != torch.bool else chunk.to(torch.uint8)).numpy().tobytes())

@@ -24,7 +24,6 @@ from torch import nn
 from sdsx.api import (
     EngineOptions,
     PruneReport,
-    engine_options,
     open_checkpoint,
     report_from,
     run_driver,
@@ -34,7 +33,7 @@ from sdsx.api import (
 )
 from sdsx.defaults import auto_validation  # re-exported: sdsx.sds.auto_validation
 from sdsx.model.blocks import find_blocks, get_weight, model_linears, use_blocks
-from sdsx.model.driver import DriverOptions, PassOptions
+from sdsx.model.driver import DriverOptions, PassOptions, with_overrides
 from sdsx.pruners import PruneResult, SparsitySpec, reconstruction_error, registry
 from sdsx.pruners.sds import (
     PHASES,
@@ -42,6 +41,7 @@ from sdsx.pruners.sds import (
     LayerProblem,
     SDSOptions,
     SharedH,
+    run_phases,
     sds_layer,
     sds_tail,
     tail_phases,
@@ -229,7 +229,7 @@ def sds_prune(
     """
     start = time.perf_counter()
     overrides, given, own = split_keywords(keywords, SDSOptions, EngineOptions, _SDSKeywords)
-    e, k = engine_options(engine, given), _SDSKeywords(**own)
+    e, k = with_overrides(EngineOptions, engine, given, "engine"), _SDSKeywords(**own)
     checkpoint_dir, histogram_layer, other_validation = e.checkpoint_dir, e.histogram_layer, k.other_validation
     if e.blocks is not None:
         use_blocks(model, e.blocks)
@@ -446,13 +446,8 @@ def _phased(model, plan, spec, opts, histogram_layer, engine, checkpoint):
     if dense_phases:
 
         def dense_fn(name, W, H):
-            p = problem(name, W, H)
-            new = W
-            for phase in dense_phases:
-                new = phase.run(p, new, None).weight
-                phase_errors[name][phase.name] = reconstruction_error(p.W_d, new, H)
-            if name == histogram_layer:
-                snaps["redense"] = new.cpu().clone()
+            new, _ = run_phases(problem(name, W, H), dense_phases, W, None, phase_errors[name],
+                                snaps if name == histogram_layer else None)
             return PruneResult(new.to(W.dtype), torch.ones_like(new, dtype=torch.bool), phase_errors[name]["dense"])
 
         r2 = one_pass(dense_fn, f"sds 2/3 dense {spec}", "sds-dense")
@@ -460,11 +455,7 @@ def _phased(model, plan, spec, opts, histogram_layer, engine, checkpoint):
     def final_fn(name, W, H):
         p = problem(name, W, H)
         Wd = p.W_d
-        new, mask = W.float(), W != 0
-        for phase in final_phases:
-            out = phase.run(p, new, mask)
-            new, mask = out.weight.float(), out.mask
-            phase_errors[name][phase.name] = reconstruction_error(Wd, new, H)
+        new, mask = run_phases(p, final_phases, W.float(), W != 0, phase_errors[name])
         err = reconstruction_error(Wd, new, H)
         # phase 1's error was measured on other inputs; compare both on this pass's H
         err1 = reconstruction_error(Wd, first[name].weight.to(W.device), H)

@@ -16,13 +16,18 @@ PACKAGE = ROOT / "sdsx"
 PRIVATE_MODULES = {"_C", "_ext"}
 
 
+def _from_sdsx(tree: ast.AST, skip: set[int] = frozenset()) -> list[ast.ImportFrom]:
+    """Every ``from sdsx... import ...`` in ``tree``, but the nodes whose id is in ``skip``."""
+    return [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and id(node) not in skip
+            and node.module and node.module.split(".")[0] == "sdsx"]
+
+
 def _private_imports(path: Path) -> list[str]:
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sdsx":
-            for alias in node.names:
-                if alias.name.startswith("_") and alias.name not in PRIVATE_MODULES and not alias.name.startswith("__"):
-                    found.append(f"{path.name}:{node.lineno} imports {alias.name} from {node.module}")
+    for node in _from_sdsx(ast.parse(path.read_text(), filename=str(path))):
+        for alias in node.names:
+            if alias.name.startswith("_") and alias.name not in PRIVATE_MODULES and not alias.name.startswith("__"):
+                found.append(f"{path.name}:{node.lineno} imports {alias.name} from {node.module}")
     return found
 
 
@@ -74,15 +79,13 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
                    for stmt in node.body for n in ast.walk(stmt)}
     out = []
+    for node in _from_sdsx(tree, typing_only):
+        folder = PACKAGE.joinpath(*node.module.split(".")[1:])
+        out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names
+                if (folder / a.name).with_suffix(".py").is_file() or (folder / a.name).is_dir()]
+        out.append((node.lineno, node.module))
     for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sdsx":
-            out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names
-                    if (PACKAGE / node.module.replace("sdsx", "", 1).strip(".").replace(".", "/") / a.name).with_suffix(".py").is_file()
-                    or (PACKAGE / node.module.replace("sdsx", "", 1).strip(".").replace(".", "/") / a.name).is_dir()]
-            out.append((node.lineno, node.module))
-        elif isinstance(node, ast.Import):
+        if isinstance(node, ast.Import) and id(node) not in typing_only:
             out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "sdsx"]
     return out
 

@@ -63,15 +63,17 @@ class DriverOptions:
     deviation: str = "balanced"
 
 
-def with_overrides(cls: type, given: Any, overrides: dict[str, Any]) -> Any:
+def with_overrides(cls: type, given: Any, overrides: dict[str, Any], what: str = "options") -> Any:
     """``given`` (an instance of the options dataclass ``cls``, or None for its defaults) with the
-    fields in ``overrides`` replaced; an unknown field is refused, naming the known ones."""
+    fields in ``overrides`` replaced; an unknown field is refused, naming the known ones, and a
+    ``given`` of another type too (``what`` names the argument in that message)."""
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise TypeError(f"{cls.__name__} has no field {unknown[0]!r}; its fields: {', '.join(known)}")
     if given is not None and not isinstance(given, cls):
-        raise TypeError(f"options must be a {cls.__name__}, got {type(given).__name__}")
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise TypeError(f"{what} must be {article} {cls.__name__}, got {type(given).__name__}")
     return dataclasses.replace(given or cls(), **overrides)
 
 

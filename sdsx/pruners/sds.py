@@ -527,6 +527,24 @@ def tail_phases(opts: SDSOptions) -> list[Phase]:
     return [p for name, p in PHASES.items() if name != "sparse" and p.enabled(opts)]
 
 
+def run_phases(
+    p: LayerProblem, phases: list[Phase], W: torch.Tensor, mask: torch.Tensor | None, errors: dict[str, float],
+    snaps: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``phases`` in order from ``W`` (and its ``mask``); ``errors[phase.name]`` receives each
+    phase's error to the dense weights (:func:`target_error` on ``p.H``: a pruning phase
+    compensates towards the re-dense weights, the error is measured to the dense ones), and
+    ``snaps["redense"]``, when given, a copy of the weights a dense phase left. Returns the last
+    phase's (fp32 weights, mask)."""
+    for phase in phases:
+        out = phase.run(p, W, mask)
+        W, mask = out.weight.float(), out.mask
+        errors[phase.name] = target_error(p.W_d, W, p.H, p.shift)
+        if snaps is not None and not phase.sparse:
+            snaps["redense"] = W.cpu().clone()
+    return W, mask
+
+
 @dataclass(frozen=True)
 class LayerCall:
     """How one :func:`sds_layer` / :func:`sds_tail` call runs, beside its tensors.
@@ -626,14 +644,9 @@ def sds_tail(
         snaps["sparse"] = s1w.cpu().clone()
     scored: list[float] = []  # validation errors the early stop measured
     problem = LayerProblem(Wd, H, spec, opts, sh, name, shift, Hv if opts.early_stop else None, scored)
-    final_w, final_mask, final_err = s1w, s1.mask.to(Wd.device), s1_loss
-    for phase in tail_phases(opts):
-        out = phase.run(problem, final_w, final_mask)
-        # phase 3's pruner compensates towards the re-dense weights; report the error to the dense ones
-        final_w, final_mask = out.weight.float(), out.mask
-        final_err = errors[phase.name] = target_error(Wd, final_w, H, shift)
-        if keep_weights and not phase.sparse:
-            snaps["redense"] = final_w.cpu().clone()
+    phases = tail_phases(opts)
+    final_w, final_mask = run_phases(problem, phases, s1w, s1.mask.to(Wd.device), errors, snaps if keep_weights else None)
+    final_err = errors[phases[-1].name] if phases else s1_loss
     kept = False
     if Hv is not None:
         errors["val_sparse"] = reconstruction_error(Wd, s1w, Hv)
